@@ -1,0 +1,124 @@
+"""Configuration of Delta-LoRA (Zi et al., 2023, arXiv:2309.02411)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig
+
+from ._peft_type import ensure_peft_type_member
+
+DELTALORA = ensure_peft_type_member()
+
+# LoraConfig options whose meaning conflicts with moving the base weight W in place, with the reason
+# shown to the user. A value is "set" when it differs from LoraConfig's default.
+_CONFLICTING_OPTIONS: dict[str, str] = {
+    "use_dora": "DoRA rescales W by a learned magnitude, so the W update of Algorithm 1 no longer equals "
+    "the change of the low-rank product; use plain Delta-LoRA (use_dora=False)",
+    "lora_bias": "the W update only carries the delta of B·A; a bias on lora_B would not be transferred",
+    "layer_replication": "replicated layers share one W, so every copy would move the same W again",
+    "target_parameters": "nn.Parameter targets (e.g. MoE experts) are not supported; target modules instead",
+    "alora_invocation_tokens": "activated LoRA applies the adapter to some tokens only, but a moved W "
+    "changes every token",
+    "use_qalora": "QA-LoRA targets quantized layers whose weight cannot be written in place",
+    "kasa_config": "KaSA truncates W itself",
+    "monteclora_config": "MonteCLoRA samples the low-rank path, so W's update is not the delta of B·A",
+    "velora_config": "VeLoRA changes the low-rank path's gradients",
+    "arrow_config": "Arrow routes between several adapters at inference time",
+    "use_bdlora": "BD-LoRA changes the structure of the low-rank factors",
+    "megatron_config": "Megatron-parallel layers are not supported",
+    "eva_config": "EVA initialisation is not supported",
+    "corda_config": "CorDA initialisation rewrites W",
+    "lora_ga_config": "LoRA-GA initialisation rewrites W",
+}
+_SUPPORTED_INITS = (True, False, "gaussian")
+
+
+@dataclass
+class DeltaLoraConfig(LoraConfig):
+    """Configuration for Delta-LoRA: LoRA whose frozen base weight also moves, without gradients.
+
+    After optimizer step ``t`` (counted from 0), if ``t > start_step``, every targeted base weight gets
+
+        W <- W + update_ratio * s * (B' A' - B A)
+
+    where ``A', B'`` are the LoRA factors after the step, ``A, B`` before it, and ``s`` is LoRA's scale
+    (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``). The update is applied by
+    :class:`~deltalora_hf.DeltaLoRACallback` (``Trainer``) or :class:`~deltalora_hf.DeltaLoraUpdater`
+    (custom loops). All other options are LoRA's (see ``peft.LoraConfig``); ``lora_dropout`` must stay 0
+    because Delta-LoRA removes dropout from the low-rank path.
+    """
+
+    update_ratio: float = field(
+        default=2.0,
+        metadata={
+            "help": (
+                "The update ratio lambda: W moves by lambda * s * (B'A' - BA) after each optimizer step past "
+                "`start_step`. 0 gives plain LoRA. Default 2.0 follows the paper's E2E/GPT-2 setting "
+                "(Zi et al. 2023, appendix hyper-parameter tables); the paper used 0.5 for RoBERTa on GLUE."
+            )
+        },
+    )
+    start_step: int = field(
+        default=500,
+        metadata={
+            "help": (
+                "The start step K: W moves on optimizer steps t > K, with t counted from 0 as in Algorithm 1 "
+                "of the paper, so the first W update happens on step K + 1 (the (K+2)-th step). Before that the "
+                "factors warm up as in LoRA. Default 500 follows the paper's E2E/GPT-2 setting."
+            )
+        },
+    )
+    base_update_rounding: Literal["stochastic", "nearest"] = field(
+        default="stochastic",
+        metadata={
+            "help": (
+                "How the W update is rounded when W is stored in bfloat16/float16 (float32/float64 W is updated "
+                "exactly with one fused addmm_). 'stochastic' (default) rounds each element up or down with "
+                "probabilities that make the result unbiased, so the accumulated change of W tracks a float32 run; "
+                "'nearest' is a plain add, which drops most per-step deltas because they are below half an ulp "
+                "of W. Ignored for float32 W."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = DELTALORA
+        self._validate_delta_lora()
+
+    def _validate_delta_lora(self) -> None:
+        if isinstance(self.update_ratio, bool) or not isinstance(self.update_ratio, (int, float)):
+            raise ValueError(f"update_ratio must be a number >= 0, got {self.update_ratio!r}.")
+        if not self.update_ratio >= 0:  # also rejects NaN
+            raise ValueError(
+                f"update_ratio (lambda) must be >= 0, got {self.update_ratio}. Use 0 for plain LoRA; the paper "
+                "uses 0.5 (GLUE) to 2 (E2E)."
+            )
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
+            raise ValueError(
+                f"start_step (K) must be an integer >= 0, got {self.start_step!r}. W moves on optimizer "
+                "steps t > K, counted from 0."
+            )
+        if self.base_update_rounding not in ("stochastic", "nearest"):
+            raise ValueError(
+                f"base_update_rounding must be 'stochastic' or 'nearest', got {self.base_update_rounding!r}."
+            )
+        if self.lora_dropout != 0:
+            raise ValueError(
+                f"lora_dropout={self.lora_dropout} is not allowed with Delta-LoRA: set lora_dropout=0. Delta-LoRA "
+                "updates W with the change of B·A, which equals W's own gradient step only when W and B·A "
+                "see the same input; dropout on the low-rank path breaks that equality (Zi et al. 2023, Sec. 4)."
+            )
+        defaults = LoraConfig()
+        for name, reason in _CONFLICTING_OPTIONS.items():
+            value = getattr(self, name, None)
+            if value != getattr(defaults, name, None) and value not in (None, False, {}, [], ()):
+                raise ValueError(f"{name}={value!r} cannot be used with Delta-LoRA: {reason}.")
+        if self.init_lora_weights not in _SUPPORTED_INITS:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by Delta-LoRA: initialisations "
+                "such as PiSSA, OLoRA, CorDA or LoftQ rewrite W before training, so the original base no longer "
+                f"reproduces the model. Use one of {_SUPPORTED_INITS}."
+            )

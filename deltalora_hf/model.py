@@ -1,0 +1,84 @@
+"""``DeltaLoraModel``: PEFT's ``LoraModel`` with Delta-LoRA layers and checks on what may be targeted."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import DeltaLoraConfig
+from .layer import SUPPORTED_BASE_LAYERS, Embedding, Linear
+
+
+def _base_layer(target: nn.Module) -> nn.Module:
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
+def check_writable_target(base: nn.Module, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless Delta-LoRA can write its weight in place."""
+    weight = getattr(base, "weight", None)
+    if not isinstance(base, SUPPORTED_BASE_LAYERS) or not isinstance(weight, torch.Tensor):
+        kinds = ", ".join(f"{c.__module__}.{c.__name__}" for c in SUPPORTED_BASE_LAYERS)
+        raise ValueError(
+            f"Delta-LoRA cannot target '{name}' ({type(base).__name__}): it moves the base weight in place, "
+            f"which is supported for {kinds} with a floating-point weight. Remove this module from target_modules."
+        )
+    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
+        raise ValueError(
+            f"Delta-LoRA cannot target '{name}': its weight is a {type(weight).__name__} of dtype {weight.dtype}, "
+            "which cannot be updated in place (quantized or non-float). Remove it from target_modules."
+        )
+
+
+class DeltaLoraModel(LoraModel):
+    """Creates a Delta-LoRA model from a pretrained transformers model (see :class:`DeltaLoraConfig`).
+
+    The layers are PEFT's LoRA layers (same parameter names, same forward pass) that also carry the anchor
+    factors of the base-weight update. W itself is moved by :class:`~deltalora_hf.DeltaLoRACallback` or
+    :class:`~deltalora_hf.DeltaLoraUpdater` after each optimizer step.
+    """
+
+    prefix: str = "lora_"
+
+    def _check_new_adapter_config(self, config: DeltaLoraConfig) -> None:
+        if not isinstance(config, DeltaLoraConfig):
+            raise TypeError(f"DeltaLoraModel needs a DeltaLoraConfig, got {type(config).__name__}.")
+        super()._check_new_adapter_config(config)
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        check_writable_target(_base_layer(target), current_key)
+        super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
+
+    @staticmethod
+    def _create_new_module(lora_config: DeltaLoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        base = _base_layer(target)
+        if isinstance(base, nn.Embedding):
+            return Embedding(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, Conv1D):
+            lora_config.fan_in_fan_out = True  # GPT-2's Conv1D stores W as (in, out)
+            return Linear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
+        if isinstance(base, nn.Linear):
+            lora_config.fan_in_fan_out = False
+            return Linear(target, adapter_name, config=lora_config, **kwargs)
+        raise ValueError(f"Delta-LoRA does not support target {type(base).__name__}.")  # checked before
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if self.training and torch.is_grad_enabled() and not getattr(self, "_deltalora_has_updater", False):
+            self._warn_no_updater_once()
+        return super().forward(*args, **kwargs)
+
+    def _warn_no_updater_once(self) -> None:
+        if getattr(self, "_deltalora_warned_no_updater", False):
+            return
+        self._deltalora_warned_no_updater = True
+        warnings.warn(
+            "A Delta-LoRA model is training, but no DeltaLoRACallback (Trainer) or DeltaLoraUpdater (custom loop) "
+            "is attached: W will never move and this is plain LoRA. Pass callbacks=[DeltaLoRACallback()] to the "
+            "Trainer, or call DeltaLoraUpdater(model).step() after each optimizer.step().",
+            stacklevel=3,
+        )

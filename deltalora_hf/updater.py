@@ -1,0 +1,175 @@
+"""``DeltaLoraUpdater``: the base-weight update of Algorithm 1, for any training loop.
+
+Call :meth:`DeltaLoraUpdater.step` once after every ``optimizer.step()``::
+
+    updater = DeltaLoraUpdater(model)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        updater.step()          # W += lambda * s * (B'A' - BA) if t > start_step
+        optimizer.zero_grad()
+
+:class:`~deltalora_hf.DeltaLoRACallback` drives the same object from ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import DeltaLoraConfig
+from .functional import add_low_rank_, delta_factors, low_rank_frobenius_sq
+from .layer import DeltaLoraLayer
+from .model import DeltaLoraModel
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What one :meth:`DeltaLoraUpdater.step` did."""
+
+    step: int = -1
+    layers_moved: int = 0
+    update_norm: float = 0.0  # Frobenius norm of this step's W update, over all moved layers
+    layers_skipped_nonfinite: int = 0
+
+
+def find_delta_lora_model(model: nn.Module) -> DeltaLoraModel:
+    """The :class:`DeltaLoraModel` inside ``model`` (a PeftModel, possibly wrapped by DDP/accelerate)."""
+    for module in model.modules():
+        if isinstance(module, DeltaLoraModel):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no Delta-LoRA adapter. Build the model with "
+        "peft.get_peft_model(model, DeltaLoraConfig(...)) after `import deltalora_hf`."
+    )
+
+
+class DeltaLoraUpdater:
+    """Moves every targeted base weight after each optimizer step, as in Algorithm 1 of Zi et al. (2023).
+
+    For each Delta-LoRA layer and active adapter with ``update_ratio > 0`` it keeps a copy of the factors
+    ``(A, B)`` (not their product) and, after optimizer step ``t > start_step``, applies
+    ``W += update_ratio * s * (B'A' - BA)`` as one fused rank-2r in-place update
+    (:func:`deltalora_hf.functional.add_low_rank_`). A step that left the factors unchanged (e.g. skipped
+    by the fp16 grad scaler) moves nothing; a non-finite delta is skipped with a warning and W is untouched.
+
+    Args:
+        model: the PEFT model (or any module containing a :class:`DeltaLoraModel`).
+        seed: seed of the stochastic rounding used for bfloat16/float16 weights; every process of a
+            data-parallel job must use the same seed so that the weights stay identical.
+    """
+
+    def __init__(self, model: nn.Module, *, seed: int = 0) -> None:
+        self.tuner = find_delta_lora_model(model)
+        self.tuner._deltalora_has_updater = True
+        self.seed = seed
+        self.next_step = 0
+        self.last = UpdateStats()
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.snapshot()
+
+    def targets(self) -> Iterator[tuple[DeltaLoraLayer, str, DeltaLoraConfig]]:
+        """``(layer, adapter, config)`` for every active Delta-LoRA adapter whose W moves (lambda > 0)."""
+        configs = self.tuner.peft_config
+        for module in self.tuner.model.modules():
+            if not isinstance(module, DeltaLoraLayer):
+                continue
+            for adapter in module.active_adapters:
+                config = configs.get(adapter)
+                if isinstance(config, DeltaLoraConfig) and config.update_ratio > 0 and adapter in module.lora_anchored:
+                    yield module, adapter, config
+
+    def snapshot(self) -> None:
+        """Cache the current factors as "before the next step" (done at construction and at train start)."""
+        with torch.no_grad():
+            for layer, adapter, _ in self.targets():
+                self._store(layer, adapter)
+
+    def step(self, step: int | None = None) -> UpdateStats:
+        """Apply the W update for the optimizer step that was just taken.
+
+        Args:
+            step: the 0-based index ``t`` of that optimizer step (``Trainer``'s ``state.global_step`` before it
+                is incremented). Defaults to one more than the previous call, starting at 0.
+        """
+        t = self.next_step if step is None else int(step)
+        self.next_step = t + 1
+        with torch.no_grad():
+            pending = []
+            for layer, adapter, config in self.targets():
+                key = (id(layer), adapter)
+                if t > config.start_step and key in self._cache:
+                    pending.append((layer, adapter, config, *self._cache[key]))
+                elif t >= config.start_step:
+                    self._store(layer, adapter)  # the factors that step t + 1 starts from
+            self.last = self._apply(t, pending)
+        return self.last
+
+    def _apply(self, t: int, pending: list) -> UpdateStats:
+        if not pending:
+            return UpdateStats(step=t)
+        # One host sync per step: which layers changed, and is each delta finite.
+        checks = []
+        for layer, adapter, config, a_old, b_old in pending:
+            a, b = layer.lora_factors(adapter)
+            scale = config.update_ratio * layer.scaling[adapter]
+            changed = torch.logical_or((a != a_old).any(), (b != b_old).any())
+            layer_sq = low_rank_frobenius_sq(*delta_factors(a, b, a_old, b_old)) * scale**2
+            checks.append(torch.stack([changed.float(), layer_sq]))
+        flags = torch.stack(checks).tolist()
+        moved, skipped, norm_sq = 0, 0, 0.0
+        for (layer, adapter, config, a_old, b_old), (changed, sq) in zip(pending, flags):
+            if not changed:
+                continue  # optimizer step skipped (e.g. fp16 overflow): nothing to move
+            if not math.isfinite(sq):
+                skipped += 1
+                warnings.warn(
+                    f"Delta-LoRA: the W update of a layer for adapter '{adapter}' at step {t} is not finite; "
+                    "skipped for this step, W untouched.",
+                    stacklevel=3,
+                )
+                continue
+            if layer.merged:
+                raise RuntimeError("Delta-LoRA cannot update a merged adapter; call model.unmerge_adapter() first.")
+            a, b = layer.lora_factors(adapter)
+            if not layer.is_anchored(adapter):
+                layer.set_anchor(adapter, a_old, b_old)
+            weight = layer.get_base_layer().weight
+            add_low_rank_(
+                weight,
+                *delta_factors(a, b, a_old, b_old),
+                config.update_ratio * layer.scaling[adapter],
+                transposed=layer.weight_is_transposed,
+                rounding=config.base_update_rounding,
+                generator=self._generator(weight.device),
+            )
+            a_old.copy_(a)
+            b_old.copy_(b)
+            moved += 1
+            norm_sq += sq
+        return UpdateStats(step=t, layers_moved=moved, update_norm=math.sqrt(norm_sq), layers_skipped_nonfinite=skipped)
+
+    def has_moved(self) -> bool:
+        """Whether any targeted W has ever moved (including before a resume)."""
+        return any(layer.is_anchored(adapter) for layer, adapter, _ in self.targets())
+
+    def _store(self, layer: DeltaLoraLayer, adapter: str) -> None:
+        a, b = layer.lora_factors(adapter)
+        cached = self._cache.get((id(layer), adapter))
+        if cached is None or cached[0].shape != a.shape or cached[0].dtype != a.dtype:
+            self._cache[(id(layer), adapter)] = (a.detach().clone(), b.detach().clone())
+        else:
+            cached[0].copy_(a)
+            cached[1].copy_(b)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
