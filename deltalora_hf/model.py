@@ -67,18 +67,34 @@ class DeltaLoraModel(LoraModel):
             return Linear(target, adapter_name, config=lora_config, **kwargs)
         raise ValueError(f"Delta-LoRA does not support target {type(base).__name__}.")  # checked before
 
-    def forward(self, *args: Any, **kwargs: Any):
-        if self.training and torch.is_grad_enabled() and not getattr(self, "_deltalora_has_updater", False):
-            self._warn_no_updater_once()
-        return super().forward(*args, **kwargs)
+    def _pre_injection_hook(self, model: nn.Module, config: DeltaLoraConfig, adapter_name: str) -> None:
+        super()._pre_injection_hook(model, config, adapter_name)
+        if getattr(self, "_no_updater_hook", None) is None:
+            self._no_updater_hook = model.register_forward_pre_hook(_warn_if_training_without_updater)
 
-    def _warn_no_updater_once(self) -> None:
-        if getattr(self, "_deltalora_warned_no_updater", False):
-            return
-        self._deltalora_warned_no_updater = True
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        self._remove_no_updater_hook()
+        return super().merge_and_unload(*args, **kwargs)
+
+    def unload(self) -> nn.Module:
+        self._remove_no_updater_hook()
+        return super().unload()
+
+    def _remove_no_updater_hook(self) -> None:
+        if getattr(self, "_no_updater_hook", None) is not None:
+            self._no_updater_hook.remove()
+            self._no_updater_hook = None
+
+
+def _warn_if_training_without_updater(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook on the wrapped model: a training step with no updater attached is plain LoRA."""
+    if not module.training or not torch.is_grad_enabled() or getattr(module, "_deltalora_has_updater", False):
+        return
+    if not getattr(module, "_deltalora_warned_no_updater", False):
+        module._deltalora_warned_no_updater = True
         warnings.warn(
             "A Delta-LoRA model is training, but no DeltaLoRACallback (Trainer) or DeltaLoraUpdater (custom loop) "
             "is attached: W will never move and this is plain LoRA. Pass callbacks=[DeltaLoRACallback()] to the "
             "Trainer, or call DeltaLoraUpdater(model).step() after each optimizer.step().",
-            stacklevel=3,
+            stacklevel=2,
         )

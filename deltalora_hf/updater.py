@@ -67,7 +67,7 @@ class DeltaLoraUpdater:
 
     def __init__(self, model: nn.Module, *, seed: int = 0) -> None:
         self.tuner = find_delta_lora_model(model)
-        self.tuner._deltalora_has_updater = True
+        self.tuner.model._deltalora_has_updater = True  # silences the plain-LoRA warning of DeltaLoraModel
         self.seed = seed
         self.next_step = 0
         self.last = UpdateStats()
