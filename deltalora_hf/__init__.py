@@ -7,6 +7,7 @@
 from ._peft_type import register as _register
 from .callback import DeltaLoRACallback
 from .config import DeltaLoraConfig
+from .export import export_lora
 from .functional import add_low_rank_, delta_factors, stochastic_round
 from .layer import DeltaLoraLayer
 from .model import DeltaLoraModel
@@ -25,5 +26,6 @@ __all__ = [
     "UpdateStats",
     "add_low_rank_",
     "delta_factors",
+    "export_lora",
     "stochastic_round",
 ]

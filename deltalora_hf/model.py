@@ -67,6 +67,24 @@ class DeltaLoraModel(LoraModel):
             return Linear(target, adapter_name, config=lora_config, **kwargs)
         raise ValueError(f"Delta-LoRA does not support target {type(base).__name__}.")  # checked before
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check every tensor's shape before anything is loaded, so a mismatch leaves the model untouched."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        current = model.state_dict()
+        mismatched = [
+            f"{key}: saved {tuple(value.shape)}, model {tuple(current[key].shape)}"
+            for key, value in remapped.items()
+            if key in current and tuple(current[key].shape) != tuple(value.shape)
+        ]
+        if mismatched:
+            raise ValueError(
+                f"The Delta-LoRA adapter '{adapter_name}' was saved for a base model with other shapes, so it cannot "
+                "be loaded into this one (nothing was changed). Load it onto the base it was trained on. "
+                "Mismatches: " + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else "")
+            )
+        return remapped
+
     def _pre_injection_hook(self, model: nn.Module, config: DeltaLoraConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
         if getattr(self, "_no_updater_hook", None) is None:

@@ -1,0 +1,89 @@
+"""Export a Delta-LoRA adapter as a standard rank-2r PEFT LoRA adapter.
+
+The trained model is ``W_0 + lambda*s*(B A - B_K A_K) + s*B A = W_0 + s * [(1+lambda) B, -lambda B_K] @ [A; A_K]``,
+so on the ORIGINAL base it is exactly a LoRA of rank ``2r`` with the same scale ``s``:
+
+    A_export = [A; A_K]                      (2r x k)
+    B_export = [(1 + lambda) B, -lambda B_K]  (d x 2r)
+    lora_alpha_export = s * 2r               (plain scaling, so that alpha / r == s)
+
+Before W has moved (``lambda = 0`` or the start step not reached) the second half is zero. The result loads
+with plain ``peft`` (no ``deltalora_hf`` import needed), so it serves wherever LoRA adapters are served.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .config import DeltaLoraConfig
+from .layer import DeltaLoraLayer
+
+
+def exported_factors(layer: DeltaLoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_export, B_export)`` of one layer: rank ``2r``, same scale, relative to the original base."""
+    a, b = layer.lora_factors(adapter_name)
+    ratio = layer.delta_update_ratio[adapter_name]
+    a_k, b_k = layer.lora_anchor_A[adapter_name], layer.lora_anchor_B[adapter_name]
+    if not layer.is_anchored(adapter_name):
+        ratio, a_k, b_k = 0.0, torch.zeros_like(a), torch.zeros_like(b)
+    a_out = torch.cat([a, a_k.to(a.dtype)], dim=0)
+    b_out = torch.cat([(1 + ratio) * b, -ratio * b_k.to(b.dtype)], dim=1)
+    return a_out.detach().contiguous(), b_out.detach().contiguous()
+
+
+def _lora_config(config: DeltaLoraConfig, layers: dict[str, DeltaLoraLayer], adapter_name: str) -> LoraConfig:
+    lora_fields = {f.name for f in fields(LoraConfig)}
+    values = {k: v for k, v in config.to_dict().items() if k in lora_fields and k not in ("peft_type", "rank_pattern", "alpha_pattern")}
+    default_r, default_scale = 2 * config.r, (config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r))
+    rank_pattern, alpha_pattern = {}, {}
+    for name, layer in layers.items():
+        r = 2 * layer.r[adapter_name]
+        scale = layer.scaling[adapter_name]
+        if r != default_r or abs(scale - default_scale) > 1e-12 * max(1.0, abs(default_scale)):
+            key = f"^{name.removeprefix('base_model.model.')}$"
+            rank_pattern[key], alpha_pattern[key] = r, scale * r
+    values.update(
+        r=default_r,
+        lora_alpha=default_scale * default_r,
+        use_rslora=False,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        inference_mode=True,
+    )
+    return LoraConfig(**values)
+
+
+def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write ``adapter_name`` of a Delta-LoRA ``model`` as a plain PEFT LoRA adapter (rank ``2r``).
+
+    The adapter reproduces the trained model on the original base model, with plain ``peft``:
+    ``PeftModel.from_pretrained(original_base, save_directory)``. ``modules_to_save`` (e.g. a classifier head)
+    are exported too. Size: twice a rank-r LoRA adapter of the same layers, plus any ``modules_to_save``.
+
+    In ``base_update="inplace"`` mode with a bfloat16/float16 base, the export is the exact telescoped change,
+    while the W in memory also carries the rounding noise of its per-step updates.
+    """
+    config = model.peft_config[adapter_name]
+    if not isinstance(config, DeltaLoraConfig):
+        raise ValueError(f"adapter '{adapter_name}' is not a Delta-LoRA adapter ({type(config).__name__}).")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer) and adapter_name in m.lora_anchored}
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    state = {k: v for k, v in state.items() if not k.rsplit(".", 1)[-1].startswith("lora_anchor")}
+    for name, layer in layers.items():
+        a, b = exported_factors(layer, adapter_name)
+        if f"{name}.lora_A.weight" in state:
+            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+        else:  # nn.Embedding keeps its factors as parameters, without ".weight"
+            state[f"{name}.lora_embedding_A"], state[f"{name}.lora_embedding_B"] = a, b
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _lora_config(config, layers, adapter_name).save_pretrained(str(out))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+    return out
