@@ -12,6 +12,7 @@ from .updater import DeltaLoraUpdater
 
 LOG_UPDATE_NORM = "deltalora/update_norm"
 LOG_LAYERS_MOVED = "deltalora/layers_moved"
+LOG_MOVE_NORM = "deltalora/move_norm"
 
 
 class DeltaLoRACallback(TrainerCallback):
@@ -19,8 +20,9 @@ class DeltaLoRACallback(TrainerCallback):
 
     ``Trainer(..., callbacks=[DeltaLoRACallback()])``. After optimizer step ``t`` (``state.global_step``, counted
     from 0) it calls :meth:`DeltaLoraUpdater.step`, so gradient accumulation gives one update per optimizer
-    step and evaluation none. Training logs get ``deltalora/update_norm`` (Frobenius norm of the last W update
-    over all layers) and ``deltalora/layers_moved``, so TensorBoard, W&B and the console show them.
+    step and evaluation none. Training logs get ``deltalora/update_norm`` (Frobenius norm of the last in-place
+    W update over all layers), ``deltalora/layers_moved`` (layers whose W moved at the last step) and
+    ``deltalora/move_norm`` (norm of the whole change of W so far), so TensorBoard, W&B and the console show them.
 
     Args:
         seed: seed of the stochastic rounding of bfloat16/float16 weights (see :class:`DeltaLoraUpdater`).
@@ -52,17 +54,20 @@ class DeltaLoRACallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.updater is None or "learning_rate" not in logs:
             return  # only training logs carry the W-update metrics
-        stats = {LOG_UPDATE_NORM: self.updater.last.update_norm, LOG_LAYERS_MOVED: self.updater.last.layers_moved}
+        stats = {
+            LOG_UPDATE_NORM: self.updater.last.update_norm,
+            LOG_LAYERS_MOVED: self.updater.last.layers_moved,
+            LOG_MOVE_NORM: self.updater.move_norm(),
+        }
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
 
     def on_train_end(self, args, state, control, **kwargs):
-        updater = self.updater
-        if updater is None or updater.has_moved():
+        if self.updater is None:
             return
-        starts = sorted({config.start_step for _, _, config in updater.targets()})
-        if starts:
+        starts = sorted({config.start_step for _, _, config in self.updater.targets()})
+        if starts and state.global_step - 1 <= starts[0]:  # the last step t never passed any start step
             warnings.warn(
                 f"Delta-LoRA: training ended after {state.global_step} optimizer steps without passing start_step "
                 f"({', '.join(map(str, starts))}), so W never moved and this run was plain LoRA. Lower start_step "

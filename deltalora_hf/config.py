@@ -21,7 +21,7 @@ _CONFLICTING_OPTIONS: dict[str, str] = {
     "target_parameters": "nn.Parameter targets (e.g. MoE experts) are not supported; target modules instead",
     "alora_invocation_tokens": "activated LoRA applies the adapter to some tokens only, but a moved W "
     "changes every token",
-    "use_qalora": "QA-LoRA targets quantized layers whose weight cannot be written in place",
+    "use_qalora": "QA-LoRA merges into group-quantized weights",
     "kasa_config": "KaSA truncates W itself",
     "monteclora_config": "MonteCLoRA samples the low-rank path, so W's update is not the delta of B·A",
     "velora_config": "VeLoRA changes the low-rank path's gradients",
@@ -70,6 +70,18 @@ class DeltaLoraConfig(LoraConfig):
             )
         },
     )
+    base_update: Literal["inplace", "factored"] = field(
+        default="inplace",
+        metadata={
+            "help": (
+                "How W moves. 'inplace' (default, Algorithm 1 of the paper): W is updated after every optimizer "
+                "step. 'factored': W is never written; the forward pass adds the telescoped move "
+                "lambda*s*(B A - B_K A_K) from the factors (one extra rank-r product per layer, no backward). Both "
+                "train identically in exact arithmetic; 'factored' is exact for bfloat16/float16 bases and is the "
+                "mode for bases that cannot be written: bitsandbytes 4/8-bit (QLoRA) and sharded (FSDP, ZeRO-3)."
+            )
+        },
+    )
     base_update_rounding: Literal["stochastic", "nearest"] = field(
         default="stochastic",
         metadata={
@@ -101,6 +113,8 @@ class DeltaLoraConfig(LoraConfig):
                 f"start_step (K) must be an integer >= 0, got {self.start_step!r}. W moves on optimizer "
                 "steps t > K, counted from 0."
             )
+        if self.base_update not in ("inplace", "factored"):
+            raise ValueError(f"base_update must be 'inplace' or 'factored', got {self.base_update!r}.")
         if self.base_update_rounding not in ("stochastic", "nearest"):
             raise ValueError(
                 f"base_update_rounding must be 'stochastic' or 'nearest', got {self.base_update_rounding!r}."

@@ -12,26 +12,44 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import DeltaLoraConfig
-from .layer import SUPPORTED_BASE_LAYERS, Embedding, Linear
+from .layer import SUPPORTED_BASE_LAYERS, Embedding, Linear, bnb_layer_classes
 
 
 def _base_layer(target: nn.Module) -> nn.Module:
     return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
 
 
-def check_writable_target(base: nn.Module, name: str) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless Delta-LoRA can write its weight in place."""
+def _bnb_kind(base: nn.Module) -> str | None:
+    """"4bit" / "8bit" for a bitsandbytes linear layer, else None (without importing bitsandbytes)."""
+    module = type(base).__module__
+    if module.startswith("bitsandbytes"):
+        return {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}.get(type(base).__name__)
+    return None
+
+
+def check_target(base: nn.Module, name: str, base_update: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless Delta-LoRA can target it in this base-update mode."""
+    if base_update == "factored" and _bnb_kind(base) is not None:
+        return
     weight = getattr(base, "weight", None)
-    if not isinstance(base, SUPPORTED_BASE_LAYERS) or not isinstance(weight, torch.Tensor):
-        kinds = ", ".join(f"{c.__module__}.{c.__name__}" for c in SUPPORTED_BASE_LAYERS)
+    kinds = ", ".join(f"{c.__module__}.{c.__name__}" for c in SUPPORTED_BASE_LAYERS)
+    if _bnb_kind(base) is not None:
         raise ValueError(
-            f"Delta-LoRA cannot target '{name}' ({type(base).__name__}): it moves the base weight in place, "
-            f"which is supported for {kinds} with a floating-point weight. Remove this module from target_modules."
+            f"Delta-LoRA cannot target '{name}' ({type(base).__name__}) with base_update='inplace': a bitsandbytes "
+            "quantized weight cannot be written in place. Use DeltaLoraConfig(base_update='factored'), which never "
+            "writes W and supports 4-bit and 8-bit bases."
+        )
+    if not isinstance(base, SUPPORTED_BASE_LAYERS) or not isinstance(weight, torch.Tensor):
+        raise ValueError(
+            f"Delta-LoRA cannot target '{name}' ({type(base).__name__}): supported targets are {kinds} with a "
+            "floating-point weight (and bitsandbytes 4/8-bit linears with base_update='factored'). Remove this "
+            "module from target_modules."
         )
     if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
+        hint = " or use base_update='factored'" if base_update == "inplace" else ""
         raise ValueError(
-            f"Delta-LoRA cannot target '{name}': its weight is a {type(weight).__name__} of dtype {weight.dtype}, "
-            "which cannot be updated in place (quantized or non-float). Remove it from target_modules."
+            f"Delta-LoRA cannot target '{name}': its weight is a {type(weight).__name__} of dtype {weight.dtype} "
+            f"(quantized or non-float), which Delta-LoRA does not support. Remove it from target_modules{hint}."
         )
 
 
@@ -51,12 +69,25 @@ class DeltaLoraModel(LoraModel):
         super()._check_new_adapter_config(config)
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        check_writable_target(_base_layer(target), current_key)
+        check_target(_base_layer(target), current_key, lora_config.base_update)
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
 
     @staticmethod
     def _create_new_module(lora_config: DeltaLoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
         base = _base_layer(target)
+        bnb_kind = _bnb_kind(base)
+        if bnb_kind is not None:
+            if bnb_kind == "4bit":
+                kwargs.update(
+                    compute_dtype=base.compute_dtype,
+                    compress_statistics=base.weight.compress_statistics,
+                    quant_type=base.weight.quant_type,
+                )
+            else:
+                kwargs.update(
+                    has_fp16_weights=base.state.has_fp16_weights, threshold=base.state.threshold, index=base.index
+                )
+            return bnb_layer_classes()[bnb_kind](target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base, nn.Embedding):
             return Embedding(target, adapter_name, config=lora_config, **kwargs)
         if isinstance(base, Conv1D):

@@ -15,6 +15,7 @@ Call :meth:`DeltaLoraUpdater.step` once after every ``optimizer.step()``::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ class UpdateStats:
     """What one :meth:`DeltaLoraUpdater.step` did."""
 
     step: int = -1
-    layers_moved: int = 0
-    update_norm: float = 0.0  # Frobenius norm of this step's W update, over all moved layers
+    layers_moved: int = 0  # layers whose (effective) W moved at this step, both modes
+    update_norm: float = 0.0  # Frobenius norm of this step's in-place W update over all layers (0 in factored mode)
     layers_skipped_nonfinite: int = 0
 
 
@@ -58,6 +59,8 @@ class DeltaLoraUpdater:
     ``W += update_ratio * s * (B'A' - BA)`` as one fused rank-2r in-place update
     (:func:`deltalora_hf.functional.add_low_rank_`). A step that left the factors unchanged (e.g. skipped
     by the fp16 grad scaler) moves nothing; a non-finite delta is skipped with a warning and W is untouched.
+    At step ``t == start_step`` it records the anchor factors ``(A_K, B_K)`` on each layer; in
+    ``base_update="factored"`` mode that is all it does (the forward pass adds the move, W is never written).
 
     Args:
         model: the PEFT model (or any module containing a :class:`DeltaLoraModel`).
@@ -102,15 +105,36 @@ class DeltaLoraUpdater:
         t = self.next_step if step is None else int(step)
         self.next_step = t + 1
         with torch.no_grad():
-            pending = []
+            pending, factored_moved = [], 0
             for layer, adapter, config in self.targets():
+                if t < config.start_step:
+                    continue
+                if config.base_update == "factored":
+                    if not layer.is_anchored(adapter):  # the only state factored mode needs
+                        layer.set_anchor(adapter, *layer.lora_factors(adapter))
+                    factored_moved += t > config.start_step
+                    continue
                 key = (id(layer), adapter)
+                if t == config.start_step and not layer.is_anchored(adapter):
+                    layer.set_anchor(adapter, *layer.lora_factors(adapter))
                 if t > config.start_step and key in self._cache:
                     pending.append((layer, adapter, config, *self._cache[key]))
-                elif t >= config.start_step:
+                else:
                     self._store(layer, adapter)  # the factors that step t + 1 starts from
-            self.last = self._apply(t, pending)
+            stats = self._apply(t, pending)
+        self.last = dataclasses.replace(stats, layers_moved=stats.layers_moved + factored_moved)
         return self.last
+
+    def move_norm(self) -> float:
+        """Frobenius norm of the whole change of the targeted weights so far, ``W_eff - W_0`` (both modes)."""
+        total = 0.0
+        with torch.no_grad():
+            for layer, adapter, _ in self.targets():
+                if layer.is_anchored(adapter):
+                    a, b = layer.lora_factors(adapter)
+                    u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+                    total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
+        return math.sqrt(total)
 
     def _apply(self, t: int, pending: list) -> UpdateStats:
         if not pending:
@@ -118,6 +142,12 @@ class DeltaLoraUpdater:
         # One host sync per step: which layers changed, and is each delta finite.
         checks = []
         for layer, adapter, config, a_old, b_old in pending:
+            weight = layer.get_base_layer().weight
+            if type(weight.data) is not torch.Tensor:  # DTensor (FSDP2), quantized or other tensor subclass
+                raise RuntimeError(
+                    f"Delta-LoRA cannot update a {type(weight.data).__name__} base weight in place (sharded by "
+                    "FSDP/ZeRO-3, or quantized). Use DeltaLoraConfig(base_update='factored'), which never writes W."
+                )
             a, b = layer.lora_factors(adapter)
             scale = config.update_ratio * layer.scaling[adapter]
             changed = torch.logical_or((a != a_old).any(), (b != b_old).any())
@@ -139,7 +169,7 @@ class DeltaLoraUpdater:
             if layer.merged:
                 raise RuntimeError("Delta-LoRA cannot update a merged adapter; call model.unmerge_adapter() first.")
             a, b = layer.lora_factors(adapter)
-            if not layer.is_anchored(adapter):
+            if not layer.is_anchored(adapter):  # attached after the start step: W starts moving from here
                 layer.set_anchor(adapter, a_old, b_old)
             weight = layer.get_base_layer().weight
             add_low_rank_(
@@ -157,8 +187,8 @@ class DeltaLoraUpdater:
         return UpdateStats(step=t, layers_moved=moved, update_norm=math.sqrt(norm_sq), layers_skipped_nonfinite=skipped)
 
     def has_moved(self) -> bool:
-        """Whether any targeted W has ever moved (including before a resume)."""
-        return any(layer.is_anchored(adapter) for layer, adapter, _ in self.targets())
+        """Whether the last step taken was past some adapter's start step, i.e. some W has moved."""
+        return any(self.next_step - 1 > config.start_step for _, _, config in self.targets())
 
     def _store(self, layer: DeltaLoraLayer, adapter: str) -> None:
         a, b = layer.lora_factors(adapter)
