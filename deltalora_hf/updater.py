@@ -40,6 +40,15 @@ class UpdateStats:
     layers_skipped_nonfinite: int = 0
 
 
+def _refuse_zero3(layer: DeltaLoraLayer, adapter: str) -> None:
+    """DeepSpeed ZeRO-3 partitions every parameter (``ds_id``); neither W nor the factors are whole here."""
+    if any(hasattr(t, "ds_id") for t in (layer.get_base_layer().weight, *layer.lora_factors(adapter))):
+        raise RuntimeError(
+            "Delta-LoRA does not support DeepSpeed ZeRO-3 (parameters are partitioned across ranks). Use ZeRO-2 or "
+            "DDP, or torch FSDP2 with DeltaLoraConfig(base_update='factored')."
+        )
+
+
 def find_delta_lora_model(model: nn.Module) -> DeltaLoraModel:
     """The :class:`DeltaLoraModel` inside ``model`` (a PeftModel, possibly wrapped by DDP/accelerate)."""
     for module in model.modules():
@@ -93,6 +102,7 @@ class DeltaLoraUpdater:
         """Cache the current factors as "before the next step" (done at construction and at train start)."""
         with torch.no_grad():
             for layer, adapter, _ in self.targets():
+                _refuse_zero3(layer, adapter)
                 self._store(layer, adapter)
 
     def step(self, step: int | None = None) -> UpdateStats:
