@@ -5,12 +5,15 @@ Algorithm 1 of Zi et al. (2023) moves the frozen weight after each optimizer ste
 .. math::
 
     W \leftarrow W + \lambda s \,(B' A' - B A)
-      = W + \lambda s \, U V, \qquad U = [B',\ B] \in \mathbb{R}^{d\times 2r},\quad
-      V = \begin{bmatrix} A' \\ -A \end{bmatrix} \in \mathbb{R}^{2r\times k}
+      = W + \lambda s \, U V, \qquad U = [B' - B,\ B] \in \mathbb{R}^{d\times 2r},\quad
+      V = \begin{bmatrix} A' \\ A' - A \end{bmatrix} \in \mathbb{R}^{2r\times k}
 
-so the update is one rank-:math:`2r` GEMM added in place (``W.addmm_(U, V)``); the dense
-product :math:`BA` is never formed. Where the weight is stored transposed (``Conv1D`` with
-``fan_in_fan_out``, ``nn.Embedding``) the same update is ``W.addmm_(V^T, U^T)``.
+since :math:`(B'-B)A' + B(A'-A) = B'A' - BA`. So the update is one rank-:math:`2r` GEMM added in place
+(``W.addmm_(U, V)``) and the dense product :math:`BA` is never formed. This factorization of the delta
+(rather than :math:`[B', B]\,[A'; -A]`) keeps every term of the size of the delta itself, so neither the
+GEMM nor the norm below cancel large terms. It is NOT the :math:`(B'-B)(A'-A)` of some implementations.
+Where the weight is stored transposed (``Conv1D`` with ``fan_in_fan_out``, ``nn.Embedding``) the same
+update is ``W.addmm_(V^T, U^T)``.
 
 For bfloat16/float16 weights a per-step delta is mostly below half an ulp of W, so a plain
 add drops it. :func:`add_low_rank_` then computes the sum in float32, a block of rows at a
@@ -35,8 +38,8 @@ BLOCK_ELEMENTS = 1 << 20
 def delta_factors(
     a_new: torch.Tensor, b_new: torch.Tensor, a_old: torch.Tensor, b_old: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(U, V)`` with ``U @ V == B'A' - BA``: ``U = [B', B]`` (d x 2r), ``V = [A'; -A]`` (2r x k)."""
-    return torch.cat([b_new, b_old], dim=1), torch.cat([a_new, -a_old], dim=0)
+    """Return ``(U, V)`` with ``U @ V == B'A' - BA``: ``U = [B' - B, B]`` (d x 2r), ``V = [A'; A' - A]`` (2r x k)."""
+    return torch.cat([b_new - b_old, b_old], dim=1), torch.cat([a_new, a_new - a_old], dim=0)
 
 
 def low_rank_frobenius_sq(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -149,8 +149,10 @@ class DeltaLoraUpdater:
     def _apply(self, t: int, pending: list) -> UpdateStats:
         if not pending:
             return UpdateStats(step=t)
-        # One host sync per step: which layers changed, and is each delta finite.
-        checks = []
+        # One host sync per step: the squared norm of each layer's delta. It is exactly 0 when the factors did
+        # not change (a step skipped by the grad scaler) and non-finite when the delta is. (U, V) are rebuilt
+        # below rather than kept, so that no more than one layer's (U, V) is alive at a time.
+        squares = []
         for layer, adapter, config, a_old, b_old in pending:
             weight = layer.get_base_layer().weight
             if type(weight.data) is not torch.Tensor:  # DTensor (FSDP2), quantized or other tensor subclass
@@ -159,15 +161,11 @@ class DeltaLoraUpdater:
                     "FSDP/ZeRO-3, or quantized). Use DeltaLoraConfig(base_update='factored'), which never writes W."
                 )
             a, b = layer.lora_factors(adapter)
-            scale = config.update_ratio * layer.scaling[adapter]
-            changed = torch.logical_or((a != a_old).any(), (b != b_old).any())
-            layer_sq = low_rank_frobenius_sq(*delta_factors(a, b, a_old, b_old)) * scale**2
-            checks.append(torch.stack([changed.float(), layer_sq]))
-        flags = torch.stack(checks).tolist()
+            squares.append(low_rank_frobenius_sq(*delta_factors(a, b, a_old, b_old)) * layer.move_scale(adapter) ** 2)
         moved, skipped, norm_sq = 0, 0, 0.0
-        for (layer, adapter, config, a_old, b_old), (changed, sq) in zip(pending, flags):
-            if not changed:
-                continue  # optimizer step skipped (e.g. fp16 overflow): nothing to move
+        for (layer, adapter, config, a_old, b_old), sq in zip(pending, torch.stack(squares).tolist()):
+            if sq == 0.0:
+                continue  # the factors did not change: nothing to move
             if not math.isfinite(sq):
                 skipped += 1
                 warnings.warn(
@@ -185,7 +183,7 @@ class DeltaLoraUpdater:
             add_low_rank_(
                 weight,
                 *delta_factors(a, b, a_old, b_old),
-                config.update_ratio * layer.scaling[adapter],
+                layer.move_scale(adapter),
                 transposed=layer.weight_is_transposed,
                 rounding=config.base_update_rounding,
                 generator=self._generator(weight.device),
