@@ -120,12 +120,7 @@ def _change_vs_fp32(mode, rounding, tmp_path):
 
 def test_bf16_base_in_factored_mode_tracks_a_float32_run(tmp_path):
     factored = _change_vs_fp32("factored", "stochastic", tmp_path / "f")
-    stochastic = _change_vs_fp32("inplace", "stochastic", tmp_path / "s")
-    nearest = _change_vs_fp32("inplace", "nearest", tmp_path / "n")
-    print(
-        f"\nbf16 base, change of the merged model vs a float32 run (relative Frobenius error): factored {factored:.4f}, "
-        f"in-place stochastic rounding {stochastic:.4f}, in-place plain add {nearest:.4f}"
-    )
+    print(f"\nbf16 base, factored: change of the merged model vs a float32 run, relative Frobenius error {factored:.4f}")
     assert factored <= 0.01
 
 
