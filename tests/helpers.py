@@ -18,9 +18,9 @@ from transformers import (
 VOCAB = 97
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    values = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -29,7 +29,8 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCau
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(config).to(dtype)
+    values.update(config_overrides)
+    return LlamaForCausalLM(LlamaConfig(**values)).to(dtype)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

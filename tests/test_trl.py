@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import base_weights
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from helpers import base_weights, tiny_llama
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, DeltaLoraLayer
 
@@ -48,20 +48,12 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _tiny_llama(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return tiny_llama(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config)
 
 
 class RecordW(TrainerCallback):
