@@ -54,6 +54,8 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     ``x`` lies between its nearest ``dtype`` value ``y`` and the next value ``z`` towards ``x``;
     return ``z`` with probability ``(x - y) / (z - y)``, else ``y``.
     """
+    if dtype == torch.bfloat16:
+        return _stochastic_round_bf16(x, generator)
     nearest = x.to(dtype)
     residual = x - nearest.float()
     towards = torch.where(residual > 0, torch.inf, -torch.inf).to(dtype)
@@ -61,6 +63,17 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     probability = residual / (neighbour.float() - nearest.float())  # in [0, 1/2]; NaN only at +-inf
     draw = torch.rand(x.shape, generator=generator, device=x.device)
     return torch.where(draw < probability, neighbour, nearest)
+
+
+def _stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """bfloat16 is float32 without its low 16 bits: add uniform noise to those bits, then cut them off.
+
+    The magnitude rounds up with probability (dropped bits) / 2^16, which is unbiased; the sign bit is not touched
+    (IEEE floats are sign-magnitude), and infinities stay infinite since their low bits are zero.
+    """
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device)
+    bits = (x.contiguous().view(torch.int32) + noise).bitwise_and_(-65536)
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
 def add_low_rank_(
