@@ -78,20 +78,13 @@ def convert_gguf(cache: Path) -> Path:
 
 
 def load_glosses(path: str) -> dict[str, list[str]]:
-    """word (first lemma of a synset, lower-case, ``_`` -> space) -> glosses, in ``data.noun`` file order."""
+    """word (first lemma of a synset, lower-case) -> glosses, in ``data.noun`` file order."""
+    from deltalora_hf.compare import iter_wordnet_nouns
+
     glosses: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.startswith("  ") or "|" not in line:
-                continue
-            fields, gloss = line.split("|", 1)
-            parts = fields.split()
-            if not 3 <= int(parts[1]) <= 28:
-                continue
-            word = parts[4].replace("_", " ").lower()
-            definition = gloss.strip().split('; "')[0].strip()
-            if definition:
-                glosses.setdefault(word, []).append(definition)
+    for word, definition, _ in iter_wordnet_nouns(path):
+        if definition:
+            glosses.setdefault(word.lower(), []).append(definition)
     return glosses
 
 

@@ -28,7 +28,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 METHODS = ("lora", "deltalora", "full")
 METHOD_TITLES = {"lora": "LoRA (PEFT)", "deltalora": "Delta-LoRA", "full": "Full fine-tuning"}
@@ -139,14 +139,13 @@ def find_demo_model() -> Path:
     raise SetupError(f"{DEMO_PACKAGE} is installed but has no model folder with a config.json; reinstall it.")
 
 
-def parse_wordnet_nouns(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """``("word: gloss", supersense)`` per synset of a WordNet ``data.noun`` file, in file order.
+def iter_wordnet_nouns(path: str | os.PathLike) -> Iterator[tuple[str, str, int]]:
+    """``(word, gloss, lex_filenum)`` per noun synset of a WordNet ``data.noun`` file, in file order.
 
-    Data lines are ``offset lex_filenum ss_type w_cnt word lex_id ... | gloss``; ``w_cnt`` is hexadecimal and
-    ``lex_filenum`` (03..28 for nouns) is the label, shifted to 0..25. Example sentences after the first
-    ``; "`` of a gloss are dropped; license header lines start with two spaces.
+    Data lines are ``offset lex_filenum ss_type w_cnt word lex_id ... | gloss``; ``lex_filenum`` is 03..28 for
+    nouns. ``word`` is the synset's first lemma (``_`` -> space). Example sentences after the first ``; "`` of a
+    gloss are dropped; license header lines start with two spaces.
     """
-    rows = []
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if line.startswith("  ") or "|" not in line:
@@ -156,10 +155,12 @@ def parse_wordnet_nouns(path: str | os.PathLike) -> list[tuple[str, int]]:
             lex_filenum = int(parts[1])
             if not 3 <= lex_filenum <= 28:
                 continue
-            word = parts[4].replace("_", " ")
-            definition = gloss.strip().split('; "')[0].strip()
-            rows.append((f"{word}: {definition}", lex_filenum - 3))
-    return rows
+            yield parts[4].replace("_", " "), gloss.strip().split('; "')[0].strip(), lex_filenum
+
+
+def parse_wordnet_nouns(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """``("word: gloss", supersense)`` per noun synset, the supersense (lex_filenum 03..28) shifted to 0..25."""
+    return [(f"{word}: {gloss}", lex_filenum - 3) for word, gloss, lex_filenum in iter_wordnet_nouns(path)]
 
 
 def _split(rows: list[tuple[str, Any]], train_size: int, eval_size: int, seed: int) -> tuple[list, list]:
