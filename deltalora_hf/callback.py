@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
+from typing import Any
 
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers import Trainer, TrainerCallback
+from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from .updater import DeltaLoraUpdater
 
@@ -20,32 +20,56 @@ class DeltaLoRACallback(TrainerCallback):
 
     ``Trainer(..., callbacks=[DeltaLoRACallback()])``. After optimizer step ``t`` (``state.global_step``, counted
     from 0) it calls :meth:`DeltaLoraUpdater.step`, so gradient accumulation gives one update per optimizer
-    step and evaluation none. Training logs get ``deltalora/update_norm`` (Frobenius norm of the last in-place
-    W update over all layers), ``deltalora/layers_moved`` (layers whose W moved at the last step) and
-    ``deltalora/move_norm`` (norm of the whole change of W so far), so TensorBoard, W&B and the console show them.
+    step and evaluation none. At the start of every run it brings W in step with the adapters (whatever was
+    loaded, added or changed since). Training logs get ``deltalora/update_norm`` (Frobenius norm of the last
+    in-place W update over all layers), ``deltalora/layers_moved`` (layers whose W moved at the last step) and
+    ``deltalora/move_norm`` (norm of the whole change of W so far).
+
+    ``Trainer`` calls the reporting integrations (TensorBoard, W&B, ...) before the callbacks passed to it, so
+    those see the metrics only if the callback runs first: pass ``trainer=`` (as TRL's callbacks do), which adds
+    the callback to that trainer ahead of its reporting callbacks, through ``Trainer.pop_callback`` /
+    ``add_callback``::
+
+        trainer = Trainer(model=model, args=args, train_dataset=ds)
+        DeltaLoRACallback(trainer=trainer)
+
+    Without it the metrics still reach ``trainer.state.log_history`` and the console.
 
     Args:
         seed: seed of the stochastic rounding of bfloat16/float16 weights (see :class:`DeltaLoraUpdater`).
+        trainer: optional ``Trainer`` to join, ahead of its reporting callbacks.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, trainer: Trainer | None = None) -> None:
         self.seed = seed
         self.updater: DeltaLoraUpdater | None = None
+        if trainer is not None:
+            self._join(trainer)
 
-    def _attach(self, model) -> DeltaLoraUpdater:
+    def _join(self, trainer: Trainer) -> None:
+        reporters = tuple(INTEGRATION_TO_CALLBACK.values())
+        trainer.pop_callback(self)
+        later = [c for c in trainer.callback_handler.callbacks if isinstance(c, reporters)]
+        for callback in later:
+            trainer.pop_callback(callback)
+        trainer.add_callback(self)
+        for callback in later:
+            trainer.add_callback(callback)
+        self._attach(trainer.model)
+
+    def _attach(self, model: Any) -> DeltaLoraUpdater:
         if model is None:
             raise ValueError("DeltaLoRACallback needs the Trainer's model.")
-        if self.updater is None or self.updater.tuner not in model.modules():
+        if self.updater is None or self.updater.model is not model:
             self.updater = DeltaLoraUpdater(model, seed=self.seed)
         return self.updater
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._attach(model)  # fail at Trainer(...) time when the model has no Delta-LoRA adapter
-        _run_before_other_callbacks(self)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        # After a checkpoint is loaded: the factors now in the model are those before the next step.
-        self._attach(model).snapshot()
+        # After a checkpoint is loaded, or on a model changed since the last run: W in step with the adapters.
+        self._attach(model).start_run()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Trainer increments global_step after this event, so it is the 0-based index of this step.
@@ -66,28 +90,11 @@ class DeltaLoRACallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.updater is None:
             return
-        starts = sorted({config.start_step for _, _, config in self.updater.targets()})
-        if starts and state.global_step - 1 <= starts[0]:  # the last step t never passed any start step
+        starts = self.updater.start_steps()
+        if starts and self.updater.moves_in_run == 0:
             warnings.warn(
-                f"Delta-LoRA: training ended after {state.global_step} optimizer steps without passing start_step "
-                f"({', '.join(map(str, starts))}), so W never moved and this run was plain LoRA. Lower start_step "
+                f"Delta-LoRA: training ended after {state.global_step} optimizer steps and W never moved: no adapter "
+                f"passed its start_step ({', '.join(map(str, starts))}), so this run was plain LoRA. Lower start_step "
                 "(W moves on steps t > start_step, counted from 0) or train longer.",
                 stacklevel=2,
             )
-
-
-def _run_before_other_callbacks(callback: TrainerCallback) -> None:
-    """Put ``callback`` first in the calling Trainer's callback list.
-
-    Trainer places user callbacks after the reporting integrations (TensorBoard, W&B, ...), which would then
-    log before :meth:`DeltaLoRACallback.on_log` adds its metrics. The handler is the ``self`` of the
-    ``CallbackHandler.call_event`` frame that is calling us; a new list is assigned so the loop in progress
-    is not disturbed. If the handler cannot be found the metrics still reach ``state.log_history``.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler):
-            handler.callbacks = [callback] + [c for c in handler.callbacks if c is not callback]
-            return
-        frame = frame.f_back

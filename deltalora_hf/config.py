@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from peft import LoraConfig
 
 from ._peft_type import ensure_peft_type_member
+from .functional import Rounding
 
 DELTALORA = ensure_peft_type_member()
+
+BaseUpdate = Literal["inplace", "factored"]
 
 # LoraConfig options whose meaning conflicts with moving the base weight W in place, with the reason
 # shown to the user. A value is "set" when it differs from LoraConfig's default.
@@ -56,7 +59,8 @@ class DeltaLoraConfig(LoraConfig):
             "help": (
                 "The update ratio lambda: W moves by lambda * s * (B'A' - BA) after each optimizer step past "
                 "`start_step`. 0 gives plain LoRA. Default 2.0 follows the paper's E2E/GPT-2 setting "
-                "(Zi et al. 2023, appendix hyper-parameter tables); the paper used 0.5 for RoBERTa on GLUE."
+                "(Zi et al. 2023, appendix hyper-parameter tables). With Adam, lambda acts like a larger LoRA scale "
+                "(see docs/theory.md)."
             )
         },
     )
@@ -70,7 +74,7 @@ class DeltaLoraConfig(LoraConfig):
             )
         },
     )
-    base_update: Literal["inplace", "factored"] = field(
+    base_update: BaseUpdate = field(
         default="inplace",
         metadata={
             "help": (
@@ -82,7 +86,7 @@ class DeltaLoraConfig(LoraConfig):
             )
         },
     )
-    base_update_rounding: Literal["stochastic", "nearest"] = field(
+    base_update_rounding: Rounding = field(
         default="stochastic",
         metadata={
             "help": (
@@ -103,19 +107,19 @@ class DeltaLoraConfig(LoraConfig):
     def _validate_delta_lora(self) -> None:
         if isinstance(self.update_ratio, bool) or not isinstance(self.update_ratio, (int, float)):
             raise ValueError(f"update_ratio must be a number >= 0, got {self.update_ratio!r}.")
-        if not self.update_ratio >= 0:  # also rejects NaN
+        if not 0 <= self.update_ratio < float("inf"):  # also rejects NaN
             raise ValueError(
-                f"update_ratio (lambda) must be >= 0, got {self.update_ratio}. Use 0 for plain LoRA; the paper "
-                "uses 0.5 (GLUE) to 2 (E2E)."
+                f"update_ratio (lambda) must be a finite number >= 0, got {self.update_ratio}. Use 0 for plain LoRA; "
+                "the paper's E2E/GPT-2 setting is 2."
             )
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(
                 f"start_step (K) must be an integer >= 0, got {self.start_step!r}. W moves on optimizer "
                 "steps t > K, counted from 0."
             )
-        if self.base_update not in ("inplace", "factored"):
+        if self.base_update not in get_args(BaseUpdate):
             raise ValueError(f"base_update must be 'inplace' or 'factored', got {self.base_update!r}.")
-        if self.base_update_rounding not in ("stochastic", "nearest"):
+        if self.base_update_rounding not in get_args(Rounding):
             raise ValueError(
                 f"base_update_rounding must be 'stochastic' or 'nearest', got {self.base_update_rounding!r}."
             )

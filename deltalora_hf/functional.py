@@ -20,6 +20,12 @@ add drops it. :func:`add_low_rank_` then computes the sum in float32, a block of
 time (never a W-sized temporary), and rounds back stochastically: each element goes to one
 of its two neighbouring representable values with probabilities that make the expectation
 exact, so the accumulated change of W is unbiased.
+
+The factored mode adds the move to the output instead of W. With ``g = 1`` once anchored (0 before), a LoRA
+layer plus the move is ``s (1 + lambda g) B A x - lambda s B_K A_K x``: one ``B A x``. Its gradients for A and B
+must stay LoRA's (``s`` times), as in the paper where only the LoRA product is trained, while x must get the
+whole layer's gradient: :func:`scale_grad` scales the gradient reaching A and B by ``1 / (1 + lambda g)`` and
+leaves the values untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +39,32 @@ Rounding = Literal["stochastic", "nearest"]
 # Elements per float32 block in the low-precision path (4 MiB): large enough for an efficient
 # GEMM, small next to any real weight.
 BLOCK_ELEMENTS = 1 << 20
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(t: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``t`` itself in the forward pass; its gradient is multiplied by ``scale`` in the backward pass."""
+    return _ScaleGrad.apply(t, scale)
+
+
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """A per-device generator for stochastic rounding outside an updater, so the global RNG is never consumed."""
+    if device not in _GENERATORS:
+        _GENERATORS[device] = torch.Generator(device=device).manual_seed(0)
+    return _GENERATORS[device]
 
 
 def delta_factors(

@@ -1,27 +1,40 @@
-"""Delta-LoRA layers: PEFT's LoRA layers plus the anchor factors of the base-weight update.
+r"""Delta-LoRA layers: PEFT's LoRA layers plus the state that ties the base weight W to the adapters.
 
-What Delta-LoRA adds per adapter (dropout is forced off by the config):
+Per adapter (dropout is forced off by the config) a layer keeps:
 
-* ``lora_anchor_A`` / ``lora_anchor_B``: the factors ``(A_K, B_K)`` when W starts to move (after step K);
-* ``lora_anchored``: whether they have been recorded.
+* ``lora_anchor_A`` / ``lora_anchor_B`` and the flag ``lora_anchored`` (saved with the adapter): the factors
+  ``(A_K, B_K)`` when W started to move. The W updates telescope, so an anchored adapter's whole change of W is
+  its *move* ``lambda * s * (B A - B_K A_K)``.
+* in ``"inplace"`` mode, the *applied record* ``lora_applied_*`` (not saved): the factors and anchors whose move
+  W holds right now.
 
-The W updates telescope: ``W_t = W_0 + lambda * s * (B_t A_t - B_K A_K)``. The two base-update modes use it:
+**The invariant** (in-place mode), for every layer at every point where W is used::
 
-* ``"inplace"`` (Algorithm 1): W itself is updated after every step; the forward pass is LoRA's.
-* ``"factored"``: W is never written; the forward pass adds the telescoped move from the factors,
-  ``W_0 x + s B A x + lambda s (B A)_detached x - lambda s B_K A_K x``, which has the same value and the
-  same gradients for A and B, and works on bases that cannot be written (quantized, sharded).
+    W == W_0 + sum over the in-place adapters a in applied(layer) of  lambda_a * s_a * (B_a A_a - B_Ka A_Ka)
 
-The anchors are saved with the adapter, so a trained model is rebuilt from its original base. Loading an
-adapter's state dict moves an in-place W from the change the adapter in memory had applied to the one the
-loaded adapter describes (:meth:`DeltaLoraLayer._apply_loaded_moves`), unless the state dict carries W itself.
-With adapters disabled (``model.disable_adapter()``), the output is the ORIGINAL base model's in both modes.
+where ``applied`` is the set of anchored in-place adapters that are active (the merged ones while merged), and
+``(A, B, A_K, B_K)`` are the adapter's CURRENT tensors. :meth:`DeltaLoraLayer.sync_base_weight` restores it from
+any state: it moves W from the applied record to the current factors, as rank-2r updates, and is idempotent. An
+optimizer step followed by a sync is exactly Algorithm 1 of the paper; a loaded, added, deleted or (de)activated
+adapter, a new run, a merge or an unload are all the same operation. It runs after every optimizer step (the
+updater), after every ``load_state_dict``, before every ``state_dict``, on adapter changes, and, in eager mode,
+at the start of the forward pass whenever the layer's tensors are not the ones (identity and version counter)
+it last synced, so that a loader that assigns tensors directly still ends right. Under ``torch.compile`` that
+check is skipped (it would break the graph); the updater and the entry points still sync.
+
+In ``"factored"`` mode W is never written; the forward pass adds the move, which needs only one ``B A x``:
+``s (1 + lambda g) B' A' x - lambda s B_K A_K x`` with ``g = anchored`` and ``A', B'`` the factors with their
+gradient scaled by ``1 / (1 + lambda g)``: the value and the gradients of x, A and B are those of a moved W plus
+LoRA. With adapters disabled the output is the ORIGINAL base model's in both modes.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+import math
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -30,51 +43,103 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import add_low_rank_, delta_factors
+from ._distributed import check_writable_in_place, gathered
+from .config import BaseUpdate
+from .functional import (
+    Rounding,
+    add_low_rank_,
+    default_generator,
+    delta_factors,
+    low_rank_frobenius_sq,
+    scale_grad,
+)
 
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.Embedding)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a (possibly sharded) DTensor parameter."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be changed outside it)
+        return -1
+
+
+@dataclass
+class BaseMove:
+    """One planned change of W: ``W += alpha * U @ V``, after which ``record`` is what W holds for ``adapter``.
+
+    ``square`` is ``||alpha U V||_F^2`` as a 0-dim tensor (read for all moves of a step with one host sync).
+    ``incremental`` moves take W from the applied factors to the current ones; when their square is exactly 0
+    the factors did not change (or the change underflows), so W and the record stay as they are.
+    """
+
+    layer: DeltaLoraLayer
+    adapter: str
+    u: torch.Tensor
+    v: torch.Tensor
+    alpha: float
+    record: tuple[torch.Tensor, ...] | None
+    incremental: bool
+    square: torch.Tensor
 
 
 class DeltaLoraLayer:
-    """Mixin for a LoRA layer that carries Delta-LoRA's per-adapter anchors and base-update mode."""
+    """Mixin for a LoRA layer that carries Delta-LoRA's anchors and keeps W in step with them."""
 
     delta_param_names: tuple[str, ...] = (
         "lora_anchor_A",
         "lora_anchor_B",
         "lora_anchored",
+        "lora_applied_A",
+        "lora_applied_B",
+        "lora_applied_anchor_A",
+        "lora_applied_anchor_B",
         "delta_update_ratio",
         "delta_base_update",
+        "delta_start_step",
+        "delta_rounding",
+        "delta_applied_scale",
     )
 
     # -- setup --------------------------------------------------------------------------------------------
 
-    def _init_delta_buffers(self) -> None:
+    def _init_delta_state(self) -> None:
         if hasattr(self, "lora_anchored"):
             return
         self.lora_anchor_A = BufferDict(persistent=True)
         self.lora_anchor_B = BufferDict(persistent=True)
         self.lora_anchored = BufferDict(persistent=True)
+        self.lora_applied_A = BufferDict(persistent=False)
+        self.lora_applied_B = BufferDict(persistent=False)
+        self.lora_applied_anchor_A = BufferDict(persistent=False)
+        self.lora_applied_anchor_B = BufferDict(persistent=False)
         self.delta_update_ratio: dict[str, float] = {}
-        self.delta_base_update: dict[str, str] = {}
-        self.other_param_names = (*self.other_param_names, *self.delta_param_names)  # for delete_adapter, .to()
-        self.register_load_state_dict_pre_hook(DeltaLoraLayer._remember_moves_before_load)
-        self.register_load_state_dict_post_hook(DeltaLoraLayer._apply_loaded_moves)
+        self.delta_base_update: dict[str, BaseUpdate] = {}
+        self.delta_start_step: dict[str, int] = {}
+        self.delta_rounding: dict[str, Rounding] = {}
+        self.delta_applied_scale: dict[str, float] = {}
+        self._delta_seen: tuple | None = None  # what the last sync saw; see _is_synced
+        self._anchored_cache: dict[str, tuple[weakref.ref, bool]] = {}
+        self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
+        self._delta_warned = False
+        self.other_param_names = (*self.other_param_names, *self.delta_param_names)  # delete_adapter, .to()
+        self.register_state_dict_pre_hook(DeltaLoraLayer._sync_before_state_dict)
+        self.register_load_state_dict_pre_hook(DeltaLoraLayer._note_loaded_keys)
+        self.register_load_state_dict_post_hook(DeltaLoraLayer._sync_after_load)
 
     def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        self._init_delta_buffers()
+        self._init_delta_state()
         super().update_layer(adapter_name, *args, **kwargs)
         config = kwargs["config"]
         self.delta_update_ratio[adapter_name] = float(config.update_ratio)
         self.delta_base_update[adapter_name] = config.base_update
+        self.delta_start_step[adapter_name] = int(config.start_step)
+        self.delta_rounding[adapter_name] = config.base_update_rounding
         a, b = self.lora_factors(adapter_name)
         self.lora_anchor_A[adapter_name] = torch.zeros_like(a, requires_grad=False)
         self.lora_anchor_B[adapter_name] = torch.zeros_like(b, requires_grad=False)
         self.lora_anchored[adapter_name] = torch.zeros((), dtype=torch.bool, device=a.device)
+        self._delta_seen = None
 
     # -- what each layer type defines -----------------------------------------------------------------------
 
@@ -92,107 +157,310 @@ class DeltaLoraLayer:
         x = self._cast_input_dtype(x, a.dtype)
         return F.linear(F.linear(x, a), b)
 
-    # -- anchors and moves ------------------------------------------------------------------------------------
+    # -- anchors ------------------------------------------------------------------------------------------------
 
     def is_anchored(self, adapter_name: str) -> bool:
-        return bool(self.lora_anchored[adapter_name])
+        """Whether W moves for this adapter (its anchors are recorded). Read from the tensor only when it changed."""
+        flag = self.lora_anchored[adapter_name]
+        cached = self._anchored_cache.get(adapter_name)
+        if cached is None or cached[0]() is not flag:
+            cached = (weakref.ref(flag), bool(flag))
+            self._anchored_cache[adapter_name] = cached
+        return cached[1]
 
-    def set_anchor(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Record ``(A_K, B_K)``: the factors at the moment W starts to move."""
-        self.lora_anchor_A[adapter_name].copy_(full_tensor(a))
-        self.lora_anchor_B[adapter_name].copy_(full_tensor(b))
-        self.lora_anchored[adapter_name].fill_(True)
+    def set_anchor(self, adapter_name: str) -> None:
+        """Record ``(A_K, B_K)``: the adapter's current factors, from which W starts to move (move = 0 now)."""
+        if self._moves_w(adapter_name):
+            check_writable_in_place(self.get_base_layer().weight)
+        with torch.no_grad(), gathered(*self.lora_factors(adapter_name)) as (a, b):
+            self.lora_anchor_A[adapter_name].copy_(a)
+            self.lora_anchor_B[adapter_name].copy_(b)
+            self.lora_anchored[adapter_name].fill_(True)
+        self._anchored_cache[adapter_name] = (weakref.ref(self.lora_anchored[adapter_name]), True)
 
     def move_scale(self, adapter_name: str) -> float:
         """``lambda * s``: the factor of ``B A - B_K A_K`` in the change of W."""
         return self.delta_update_ratio[adapter_name] * self.scaling[adapter_name]
 
-    def base_move(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """``(U, V, c)`` with ``W - W_0 == c * U @ V`` for an in-place adapter whose W has moved, else None.
+    def _moves_w(self, adapter: str) -> bool:
+        """Whether this adapter's move lives in W (in-place mode, lambda != 0)."""
+        return self.delta_base_update.get(adapter) == "inplace" and self.delta_update_ratio.get(adapter, 0.0) != 0.0
 
-        ``U @ V = B A - B_K A_K`` and ``c = lambda * s``: the telescoped sum of all W updates so far.
+    def _factored(self, adapter: str) -> bool:
+        return self.delta_base_update.get(adapter) == "factored" and self.delta_update_ratio.get(adapter, 0.0) != 0.0
+
+    # -- the invariant ----------------------------------------------------------------------------------------
+
+    def applied_adapters(self) -> list[str]:
+        """The in-place adapters whose move W must hold: the active ones (the merged ones while merged)."""
+        adapters = self.merged_adapters if self.merged else self.active_adapters
+        return [a for a in adapters if a in self.delta_base_update and self._moves_w(a) and self.is_anchored(a)]
+
+    def _tracked(self) -> tuple[tuple, list[torch.Tensor], list[torch.Tensor]]:
+        """What the invariant depends on: plain values, tensors compared by identity + version, by identity only.
+
+        Anchors and flags are compared by identity only: they change in place only through our own code and
+        ``load_state_dict`` (both sync), while DDP rewrites buffers in place on every forward pass.
         """
-        if self.delta_base_update[adapter_name] != "inplace" or not self.is_anchored(adapter_name):
+        adapters = [a for a in self.delta_base_update if self._moves_w(a)]
+        values = (tuple(self.active_adapters), tuple(self.merged_adapters))
+        values += tuple((a, self.move_scale(a)) for a in adapters)
+        versioned = [t for a in adapters for t in self.lora_factors(a)] + [self.get_base_layer().weight]
+        identity = [t for a in adapters for t in (self.lora_anchor_A[a], self.lora_anchor_B[a], self.lora_anchored[a])]
+        return values, versioned, identity
+
+    def _record_synced(self) -> None:
+        values, versioned, identity = self._tracked()
+        self._delta_seen = (
+            values,
+            [(weakref.ref(t), _version(t)) for t in versioned],
+            [weakref.ref(t) for t in identity],
+        )
+
+    def _is_synced(self) -> bool:
+        """Cheap (no tensor read): are the tracked tensors the ones, unchanged, that the last sync left?"""
+        seen = self._delta_seen
+        if seen is None:
+            return False
+        values, versioned, identity = self._tracked()
+        if values != seen[0] or len(versioned) != len(seen[1]) or len(identity) != len(seen[2]):
+            return False
+        return all(ref() is t and v == _version(t) for (ref, v), t in zip(seen[1], versioned)) and all(
+            ref() is t for ref, t in zip(seen[2], identity)
+        )
+
+    def _applied_record(self, adapter: str) -> tuple[torch.Tensor, ...] | None:
+        if adapter not in self.lora_applied_A:
             return None
-        a, b = self.lora_factors(adapter_name)
-        u, v = delta_factors(a, b, self.lora_anchor_A[adapter_name], self.lora_anchor_B[adapter_name])
-        return u, v, self.move_scale(adapter_name)
+        return (
+            self.lora_applied_A[adapter],
+            self.lora_applied_B[adapter],
+            self.lora_applied_anchor_A[adapter],
+            self.lora_applied_anchor_B[adapter],
+        )
 
-    def _move_base_weight(self, u: torch.Tensor, v: torch.Tensor, alpha: float) -> None:
-        weight = self.get_base_layer().weight
-        with torch.no_grad():
-            add_low_rank_(weight, u, v, alpha, transposed=self.weight_is_transposed, rounding="nearest")
+    def _same_anchors(self, adapter: str, record: tuple[torch.Tensor, ...], full: bool) -> bool:
+        seen = self._delta_seen
+        anchors = (self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
+        if not full and seen is not None and all(any(ref() is t for ref in seen[2]) for t in anchors):
+            return True  # the anchor tensors the last sync saw: unchanged (see _tracked)
+        return torch.equal(record[2], anchors[0]) and torch.equal(record[3], anchors[1])
 
-    @staticmethod
-    def _remember_moves_before_load(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
-        module._loads_base_weight = f"{prefix}base_layer.weight" in state_dict
-        module._moves_before_load = {}
-        for adapter in module.lora_anchored:
-            move = module.base_move(adapter)
-            module._moves_before_load[adapter] = None if move is None else (move[0].clone(), move[1].clone(), move[2])
+    def plan_base_moves(self, *, full: bool = False, applied: Iterable[str] | None = None) -> list[BaseMove]:
+        """The moves that bring W to the invariant (for the adapters in ``applied``, default: applied_adapters()).
 
-    @staticmethod
-    def _apply_loaded_moves(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
-        before_all = module.__dict__.pop("_moves_before_load", {})
-        if module.__dict__.pop("_loads_base_weight", False):
-            return  # W itself was loaded: it already holds its moved value
-        for adapter, before in before_all.items():
-            after = module.base_move(adapter)
-            if before is not None and after is not None and before[2] == after[2]:
-                if torch.equal(before[0], after[0]) and torch.equal(before[1], after[1]):
-                    continue  # this adapter was not part of the load
-            if before is not None:
-                module._move_base_weight(before[0], before[1], -before[2])
-            if after is not None:
-                module._move_base_weight(*after)
-
-    # -- forward and merge ---------------------------------------------------------------------------------------
-
-    def _moves_output(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor | float:
-        """``sum over adapters of lambda * s * (B A - B_K A_K) x``.
-
-        The factors are detached (no gradient for A or B through this path), but x keeps its gradient: the layer
-        must pass on the same input gradient as a W that really moved.
+        ``full`` compares the anchors by content even when their tensors are the ones the last sync saw.
         """
-        out: torch.Tensor | float = 0.0
-        for adapter in adapters:
-            a, b = (f.detach() for f in self.lora_factors(adapter))
-            a_k, b_k = self.lora_anchor_A[adapter], self.lora_anchor_B[adapter]
-            out = out + self.move_scale(adapter) * (self._factor_path(x, a, b) - self._factor_path(x, a_k, b_k))
-        return out
+        target = list(self.applied_adapters() if applied is None else applied)
+        moves: list[BaseMove] = []
+        for adapter in dict.fromkeys([*self.lora_applied_A.keys(), *target]):
+            record = self._applied_record(adapter)
+            if adapter in target:
+                a, b = (t.detach() for t in self.lora_factors(adapter))
+                a_k, b_k = self.lora_anchor_A[adapter], self.lora_anchor_B[adapter]
+                scale = self.move_scale(adapter)
+                new = (a, b, a_k, b_k)
+                if record is not None and self.delta_applied_scale[adapter] == scale:
+                    if self._same_anchors(adapter, record, full):
+                        moves.append(self._move(adapter, a, b, record[0], record[1], scale, new, incremental=True))
+                        continue
+                if record is not None:  # other anchors or scale: take the old move out, then put the new one in
+                    moves.append(self._removal(adapter, record))
+                moves.append(self._move(adapter, a, b, a_k, b_k, scale, new, incremental=False))
+            elif record is not None:
+                moves.append(self._removal(adapter, record))
+        return moves
 
-    def _moved_adapters(self, mode: str, adapters) -> list[str]:
-        return [
-            a
-            for a in adapters
-            if a in self.lora_anchored and self.delta_base_update[a] == mode and self.is_anchored(a)
-        ]
+    def _move(self, adapter, a, b, a_old, b_old, scale, record, incremental) -> BaseMove:
+        u, v = delta_factors(a, b, a_old, b_old)
+        square = low_rank_frobenius_sq(u, v) * scale**2
+        return BaseMove(self, adapter, u, v, scale, record, incremental, square)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.get("adapter_names") is not None and self._moved_adapters("factored", self.lora_anchored.keys()):
-            raise ValueError(
-                "adapter_names (mixed-batch inference) is not supported with factored Delta-LoRA adapters whose "
-                "W has moved; merge the adapter or run one adapter at a time."
+    def _removal(self, adapter: str, record: tuple[torch.Tensor, ...]) -> BaseMove:
+        scale = self.delta_applied_scale[adapter]
+        return self._move(adapter, record[2], record[3], record[0], record[1], scale, None, incremental=False)
+
+    def apply_base_move(
+        self, move: BaseMove, square: float, *, rounding: Rounding | None = None, generator=None
+    ) -> bool:
+        """Carry out a planned move given its squared norm; return whether W was written."""
+        if move.incremental and square == 0.0:
+            return False  # nothing changed: W and the record stay
+        if not math.isfinite(square):
+            warnings.warn(
+                f"Delta-LoRA: the W update of a layer for adapter '{move.adapter}' is not finite; skipped, W "
+                "untouched (it is retried when the factors change).",
+                stacklevel=3,
             )
-        result = super().forward(x, *args, **kwargs)
-        if self.disable_adapters:
-            # W holds W_0 plus every in-place adapter's move: take those out to get the original base.
-            undo = self._moved_adapters("inplace", self.lora_anchored.keys())
-            return result - self._moves_output(x, undo).to(result.dtype) if undo else result
-        if self.merged or kwargs.get("adapter_names") is not None:
-            return result
-        factored = self._moved_adapters("factored", self.active_adapters)
-        return result + self._moves_output(x, factored).to(result.dtype) if factored else result
+            return False
+        written = square != 0.0
+        if written:
+            weight = self.get_base_layer().weight
+            check_writable_in_place(weight)
+            add_low_rank_(
+                weight,
+                move.u,
+                move.v,
+                move.alpha,
+                transposed=self.weight_is_transposed,
+                rounding=rounding or self.delta_rounding.get(move.adapter, "stochastic"),
+                generator=generator if generator is not None else default_generator(weight.device),
+            )
+        self._set_record(move.adapter, move.record, move.alpha)
+        return written
+
+    def _set_record(self, adapter: str, record: tuple[torch.Tensor, ...] | None, scale: float) -> None:
+        stores = (self.lora_applied_A, self.lora_applied_B, self.lora_applied_anchor_A, self.lora_applied_anchor_B)
+        if record is None:
+            for store in stores:
+                if adapter in store:
+                    del store[adapter]
+            self.delta_applied_scale.pop(adapter, None)
+            return
+        for store, value in zip(stores, record):
+            old = store[adapter] if adapter in store else None
+            if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
+                old.copy_(value)
+            else:
+                store[adapter] = value.detach().clone()
+        self.delta_applied_scale[adapter] = scale
+
+    def sync_base_weight(self, *, full: bool = True, applied: Iterable[str] | None = None, generator=None) -> int:
+        """Bring W to the invariant (for ``applied`` adapters, default: applied_adapters()); return W writes."""
+        if not hasattr(self, "lora_anchored"):
+            return 0
+        with torch.no_grad(), torch.inference_mode(False):
+            moves = self.plan_base_moves(full=full, applied=applied)
+            squares = torch.stack([m.square for m in moves]).tolist() if moves else []
+            written = sum(self.apply_base_move(m, sq, generator=generator) for m, sq in zip(moves, squares))
+        self._record_synced()
+        return written
+
+    def _ensure_synced(self) -> None:
+        if not self.lora_applied_A and not any(self._moves_w(a) for a in self.delta_base_update):
+            return  # no in-place adapter: W is the original base weight
+        if not self._is_synced():
+            self.sync_base_weight(full=False)
+
+    # -- entry points ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sync_before_state_dict(module: DeltaLoraLayer, prefix: str, keep_vars: bool) -> None:
+        module._ensure_synced()  # a saved W must be the W the saved factors describe
+
+    @staticmethod
+    def _note_loaded_keys(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
+        module._loads_base_weight = f"{prefix}base_layer.weight" in state_dict
+
+    @staticmethod
+    def _sync_after_load(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
+        if module.__dict__.pop("_loads_base_weight", False):
+            # W itself was loaded (e.g. PEFT's save_embedding_layers): it was saved synced, so it already holds the
+            # moves of the loaded factors. Record that instead of moving it.
+            with torch.no_grad():
+                for adapter in list(module.lora_applied_A.keys()):
+                    module._set_record(adapter, None, 0.0)
+                for adapter in module.applied_adapters():
+                    a, b = (t.detach() for t in module.lora_factors(adapter))
+                    record = (a, b, module.lora_anchor_A[adapter], module.lora_anchor_B[adapter])
+                    module._set_record(adapter, record, module.move_scale(adapter))
+            module._anchored_cache.clear()
+            module._record_synced()
+            return
+        module._anchored_cache.clear()
+        module.sync_base_weight(full=True)
+
+    def set_adapter(self, adapter_names: str | list[str], *args: Any, **kwargs: Any) -> None:
+        super().set_adapter(adapter_names, *args, **kwargs)
+        self.sync_base_weight()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        keep = [a for a in self.applied_adapters() if a != adapter_name]
+        self.sync_base_weight(applied=keep)  # take its move out of W before its factors are gone
+        super().delete_adapter(adapter_name)
+        self._anchored_cache.pop(adapter_name, None)
+        self.sync_base_weight()  # PEFT may have activated another adapter
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = lora_layer.check_adapters_to_merge(self, adapter_names)
+        if names:
+            merged = [*self.merged_adapters, *names]
+            self.sync_base_weight(applied=[a for a in merged if self._moves_w(a) and self.is_anchored(a)])
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self._record_synced()
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        self.sync_base_weight()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """LoRA's ``s B A``, plus the telescoped W move in factored mode (so merging gives the trained model)."""
         delta = super().get_delta_weight(adapter)
-        if self.delta_base_update.get(adapter) != "factored" or not self.is_anchored(adapter):
+        if not self._factored(adapter) or not self.is_anchored(adapter):
             return delta
         a, b = self.lora_factors(adapter)
         u, v = delta_factors(a, b, self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
         move = self.move_scale(adapter) * (u.float() @ v.float())
         return delta + (move.T if self.weight_is_transposed else move).to(delta.dtype)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def _applied_output(self, x: torch.Tensor) -> torch.Tensor | float:
+        """``sum over applied records of lambda s (B_p A_p - B_Kp A_Kp) x``: what the in-place moves add to W x."""
+        out: torch.Tensor | float = 0.0
+        for adapter in self.lora_applied_A.keys():
+            a, b, a_k, b_k = self._applied_record(adapter)
+            scale = self.delta_applied_scale[adapter]
+            out = out + scale * (self._factor_path(x, a, b) - self._factor_path(x, a_k, b_k))
+        return out
+
+    def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """What adapter ``adapter`` adds to the base output: ``s B A x``, plus the move in factored mode."""
+        a, b = self.lora_factors(adapter)
+        s = self.scaling[adapter]
+        if not self._factored(adapter):
+            return s * self._factor_path(x, a, b)
+        grow = 1.0 + self.delta_update_ratio[adapter] * self.lora_anchored[adapter].to(a.dtype)
+        y = self._factor_path(x, scale_grad(a, 1.0 / grow), scale_grad(b, 1.0 / grow))
+        anchor = self._factor_path(x, self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
+        return (s * grow) * y - self.move_scale(adapter) * anchor
+
+    def _warn_if_not_driven(self) -> None:
+        if self.delta_driven or self._delta_warned or not self.training or not torch.is_grad_enabled():
+            return
+        if any(self.delta_update_ratio.get(a, 0.0) != 0.0 for a in self.active_adapters):
+            self._delta_warned = True
+            warnings.warn(
+                "A Delta-LoRA model is training, but no DeltaLoRACallback (Trainer) or DeltaLoraUpdater (custom "
+                "loop) is attached: adapters that are not anchored yet never start to move W, which is plain LoRA. "
+                "Pass callbacks=[DeltaLoRACallback()] to the Trainer, or call DeltaLoraUpdater(model).step() after "
+                "each optimizer.step().",
+                stacklevel=3,
+            )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self._ensure_synced()
+            self._warn_if_not_driven()
+        if kwargs.get("adapter_names") is not None:
+            moved = [a for a in self.delta_base_update if self.delta_update_ratio[a] != 0 and self.is_anchored(a)]
+            if moved:
+                raise ValueError(
+                    "adapter_names (mixed-batch inference) is not supported with Delta-LoRA adapters whose W has "
+                    f"moved ({', '.join(moved)}); run one adapter at a time (set_adapter) or merge it."
+                )
+            return super().forward(x, *args, **kwargs)
+        if self.disable_adapters:
+            result = super().forward(x, *args, **kwargs)  # W x: take the applied moves out to get the ORIGINAL base
+            return result - self._applied_output(x).to(result.dtype) if len(self.lora_applied_A) else result
+        if self.merged:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter in self.delta_base_update:
+                result = result + self._adapter_output(adapter, x).to(dtype)
+        return result
 
 
 class Linear(DeltaLoraLayer, lora_layer.Linear):
@@ -219,30 +487,3 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
 
     def __repr__(self) -> str:
         return "deltalora." + nn.Module.__repr__(self)
-
-
-@functools.cache
-def bnb_layer_classes() -> dict[str, type[nn.Module]]:
-    """Delta-LoRA versions of PEFT's bitsandbytes LoRA layers (factored mode only), if bitsandbytes is there."""
-    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-
-    classes: dict[str, type[nn.Module]] = {}
-    if is_bnb_available():
-        from peft.tuners.lora.bnb import Linear8bitLt as _Lora8bit
-
-        class Linear8bitLt(DeltaLoraLayer, _Lora8bit):
-            """Delta-LoRA (factored) on a bitsandbytes 8-bit linear layer."""
-
-        Linear8bitLt.__qualname__ = "Linear8bitLt"
-
-        classes["8bit"] = Linear8bitLt
-    if is_bnb_4bit_available():
-        from peft.tuners.lora.bnb import Linear4bit as _Lora4bit
-
-        class Linear4bit(DeltaLoraLayer, _Lora4bit):
-            """Delta-LoRA (factored) on a bitsandbytes 4-bit linear layer."""
-
-        Linear4bit.__qualname__ = "Linear4bit"
-
-        classes["4bit"] = Linear4bit
-    return classes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -11,34 +10,27 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import DeltaLoraConfig
-from .layer import SUPPORTED_BASE_LAYERS, Embedding, Linear, bnb_layer_classes
+from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, is_bnb_layer
+from .config import BaseUpdate, DeltaLoraConfig
+from .layer import SUPPORTED_BASE_LAYERS, DeltaLoraLayer, Embedding, Linear
 
 
 def _base_layer(target: nn.Module) -> nn.Module:
     return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
 
 
-def _bnb_kind(base: nn.Module) -> str | None:
-    """"4bit" / "8bit" for a bitsandbytes linear layer, else None (without importing bitsandbytes)."""
-    module = type(base).__module__
-    if module.startswith("bitsandbytes"):
-        return {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}.get(type(base).__name__)
-    return None
-
-
-def check_target(base: nn.Module, name: str, base_update: str) -> None:
+def check_target(base: nn.Module, name: str, base_update: BaseUpdate) -> None:
     """Raise a ``ValueError`` naming ``name`` unless Delta-LoRA can target it in this base-update mode."""
-    if base_update == "factored" and _bnb_kind(base) is not None:
-        return
-    weight = getattr(base, "weight", None)
-    kinds = ", ".join(f"{c.__module__}.{c.__name__}" for c in SUPPORTED_BASE_LAYERS)
-    if _bnb_kind(base) is not None:
+    if is_bnb_layer(base):
+        if base_update == "factored":
+            return
         raise ValueError(
             f"Delta-LoRA cannot target '{name}' ({type(base).__name__}) with base_update='inplace': a bitsandbytes "
             "quantized weight cannot be written in place. Use DeltaLoraConfig(base_update='factored'), which never "
             "writes W and supports 4-bit and 8-bit bases."
         )
+    weight = getattr(base, "weight", None)
+    kinds = ", ".join(f"{c.__module__}.{c.__name__}" for c in SUPPORTED_BASE_LAYERS)
     if not isinstance(base, SUPPORTED_BASE_LAYERS) or not isinstance(weight, torch.Tensor):
         raise ValueError(
             f"Delta-LoRA cannot target '{name}' ({type(base).__name__}): supported targets are {kinds} with a "
@@ -53,12 +45,48 @@ def check_target(base: nn.Module, name: str, base_update: str) -> None:
         )
 
 
+def check_not_tied(model: nn.Module, base: nn.Module, name: str) -> None:
+    """Refuse a target whose weight is shared with another module (tied input/output embeddings)."""
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return
+    owners = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    if len(owners) > 1:
+        raise ValueError(
+            f"Delta-LoRA cannot target '{name}': its weight is tied to {', '.join(owners)}. Moving W would move every "
+            "tied copy (in-place mode) but only this layer's output (factored mode and export), so the two would "
+            "differ. Remove it from target_modules, or untie the weights first (e.g. load the model with "
+            "tie_word_embeddings=False)."
+        )
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, config: DeltaLoraConfig, **kwargs: Any) -> nn.Module | None:
+    base = _base_layer(target)
+    if isinstance(base, nn.Embedding):
+        return Embedding(target, adapter_name, config=config, **kwargs)
+    if isinstance(base, Conv1D):
+        config.fan_in_fan_out = True  # GPT-2's Conv1D stores W as (in, out)
+        return Linear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
+    if isinstance(base, nn.Linear):
+        config.fan_in_fan_out = False
+        return Linear(target, adapter_name, config=config, **kwargs)
+    return None
+
+
+DISPATCHERS = (dispatch_bnb_8bit, dispatch_bnb_4bit, dispatch_default)
+
+
+def delta_lora_layers(model: nn.Module) -> list[DeltaLoraLayer]:
+    """Every Delta-LoRA layer in ``model``."""
+    return [m for m in model.modules() if isinstance(m, DeltaLoraLayer)]
+
+
 class DeltaLoraModel(LoraModel):
     """Creates a Delta-LoRA model from a pretrained transformers model (see :class:`DeltaLoraConfig`).
 
-    The layers are PEFT's LoRA layers (same parameter names, same forward pass) that also carry the anchor
-    factors of the base-weight update. W itself is moved by :class:`~deltalora_hf.DeltaLoRACallback` or
-    :class:`~deltalora_hf.DeltaLoraUpdater` after each optimizer step.
+    The layers are PEFT's LoRA layers (same parameter names) that also carry the anchor factors of the base-weight
+    update and keep W in step with them (see :mod:`deltalora_hf.layer`). W itself is moved after each optimizer
+    step by :class:`~deltalora_hf.DeltaLoRACallback` or :class:`~deltalora_hf.DeltaLoraUpdater`.
     """
 
     prefix: str = "lora_"
@@ -69,34 +97,18 @@ class DeltaLoraModel(LoraModel):
         super()._check_new_adapter_config(config)
 
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        check_target(_base_layer(target), current_key, lora_config.base_update)
+        base = _base_layer(target)
+        check_target(base, current_key, lora_config.base_update)
+        check_not_tied(self.model, base, current_key)
         super()._create_and_replace(lora_config, adapter_name, target, target_name, parent, current_key, **kwargs)
 
     @staticmethod
     def _create_new_module(lora_config: DeltaLoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
-        base = _base_layer(target)
-        bnb_kind = _bnb_kind(base)
-        if bnb_kind is not None:
-            if bnb_kind == "4bit":
-                kwargs.update(
-                    compute_dtype=base.compute_dtype,
-                    compress_statistics=base.weight.compress_statistics,
-                    quant_type=base.weight.quant_type,
-                )
-            else:
-                kwargs.update(
-                    has_fp16_weights=base.state.has_fp16_weights, threshold=base.state.threshold, index=base.index
-                )
-            return bnb_layer_classes()[bnb_kind](target, adapter_name, config=lora_config, **kwargs)
-        if isinstance(base, nn.Embedding):
-            return Embedding(target, adapter_name, config=lora_config, **kwargs)
-        if isinstance(base, Conv1D):
-            lora_config.fan_in_fan_out = True  # GPT-2's Conv1D stores W as (in, out)
-            return Linear(target, adapter_name, config=lora_config, is_target_conv_1d_layer=True, **kwargs)
-        if isinstance(base, nn.Linear):
-            lora_config.fan_in_fan_out = False
-            return Linear(target, adapter_name, config=lora_config, **kwargs)
-        raise ValueError(f"Delta-LoRA does not support target {type(base).__name__}.")  # checked before
+        for dispatch in DISPATCHERS:
+            module = dispatch(target, adapter_name, config=lora_config, **kwargs)
+            if module is not None:
+                return module
+        raise ValueError(f"Delta-LoRA does not support target {type(_base_layer(target)).__name__}.")  # checked before
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -116,34 +128,18 @@ class DeltaLoraModel(LoraModel):
             )
         return remapped
 
-    def _pre_injection_hook(self, model: nn.Module, config: DeltaLoraConfig, adapter_name: str) -> None:
-        super()._pre_injection_hook(model, config, adapter_name)
-        if getattr(self, "_no_updater_hook", None) is None:
-            self._no_updater_hook = model.register_forward_pre_hook(_warn_if_training_without_updater)
-
-    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        self._remove_no_updater_hook()
-        return super().merge_and_unload(*args, **kwargs)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """PEFT's ``merge_and_unload``; W first holds exactly the moves of the adapters being merged."""
+        for layer in delta_lora_layers(self.model):
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            layer.sync_base_weight(applied=[a for a in names if a in layer.delta_base_update and layer._moves_w(a)
+                                            and layer.is_anchored(a)])
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        self._remove_no_updater_hook()
+        """PEFT's ``unload``: the ORIGINAL base model (every in-place move taken out of W)."""
+        for layer in delta_lora_layers(self.model):
+            if layer.merged:
+                layer.unmerge()
+            layer.sync_base_weight(applied=[])
         return super().unload()
-
-    def _remove_no_updater_hook(self) -> None:
-        if getattr(self, "_no_updater_hook", None) is not None:
-            self._no_updater_hook.remove()
-            self._no_updater_hook = None
-
-
-def _warn_if_training_without_updater(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook on the wrapped model: a training step with no updater attached is plain LoRA."""
-    if not module.training or not torch.is_grad_enabled() or getattr(module, "_deltalora_has_updater", False):
-        return
-    if not getattr(module, "_deltalora_warned_no_updater", False):
-        module._deltalora_warned_no_updater = True
-        warnings.warn(
-            "A Delta-LoRA model is training, but no DeltaLoRACallback (Trainer) or DeltaLoraUpdater (custom loop) "
-            "is attached: W will never move and this is plain LoRA. Pass callbacks=[DeltaLoRACallback()] to the "
-            "Trainer, or call DeltaLoraUpdater(model).step() after each optimizer.step().",
-            stacklevel=2,
-        )

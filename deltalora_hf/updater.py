@@ -7,27 +7,33 @@ Call :meth:`DeltaLoraUpdater.step` once after every ``optimizer.step()``::
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
-        updater.step()          # W += lambda * s * (B'A' - BA) if t > start_step
+        updater.step()          # W += lambda * s * (B'A' - BA) once the adapter is anchored
         optimizer.zero_grad()
 
 :class:`~deltalora_hf.DeltaLoRACallback` drives the same object from ``Trainer``.
+
+The updater does two things. It *anchors* each active adapter at the end of optimizer step ``t == start_step``
+(counted from 0 in the run; the first run's step that reaches it), recording ``(A_K, B_K)``. And it *syncs* every
+layer (:meth:`DeltaLoraLayer.sync_base_weight`): W follows the factors of every anchored in-place adapter, which
+after an optimizer step is exactly ``W += lambda * s * (B'A' - BA)``. The anchor belongs to the adapter, not to
+the run: once anchored, W moves on every later optimizer step of any run, resumed or new. The sync is idempotent,
+so a second updater or callback on the same model changes nothing (no doubled update). All state that survives a
+step lives on the layers; the updater holds only the step counter and the random generator of the stochastic
+rounding.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from .config import DeltaLoraConfig
-from .functional import add_low_rank_, delta_factors, low_rank_frobenius_sq
+from ._distributed import check_writable_in_place
+from .functional import delta_factors, low_rank_frobenius_sq
 from .layer import DeltaLoraLayer
-from .model import DeltaLoraModel
+from .model import delta_lora_layers
 
 
 @dataclass(frozen=True)
@@ -40,174 +46,132 @@ class UpdateStats:
     layers_skipped_nonfinite: int = 0
 
 
-def _refuse_zero3(layer: DeltaLoraLayer, adapter: str) -> None:
-    """DeepSpeed ZeRO-3 partitions every parameter (``ds_id``); neither W nor the factors are whole here."""
-    if any(hasattr(t, "ds_id") for t in (layer.get_base_layer().weight, *layer.lora_factors(adapter))):
-        raise RuntimeError(
-            "Delta-LoRA does not support DeepSpeed ZeRO-3 (parameters are partitioned across ranks). Use ZeRO-2 or "
-            "DDP, or torch FSDP2 with DeltaLoraConfig(base_update='factored')."
+def find_delta_lora_layers(model: nn.Module) -> list[DeltaLoraLayer]:
+    """The Delta-LoRA layers in ``model`` (a PeftModel, a transformers model with adapters, DDP/accelerate-wrapped)."""
+    layers = delta_lora_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no Delta-LoRA adapter. Build the model with "
+            "peft.get_peft_model(model, DeltaLoraConfig(...)) after `import deltalora_hf`."
         )
-
-
-def find_delta_lora_model(model: nn.Module) -> DeltaLoraModel:
-    """The :class:`DeltaLoraModel` inside ``model`` (a PeftModel, possibly wrapped by DDP/accelerate)."""
-    for module in model.modules():
-        if isinstance(module, DeltaLoraModel):
-            return module
-    raise ValueError(
-        f"{type(model).__name__} has no Delta-LoRA adapter. Build the model with "
-        "peft.get_peft_model(model, DeltaLoraConfig(...)) after `import deltalora_hf`."
-    )
+    return layers
 
 
 class DeltaLoraUpdater:
     """Moves every targeted base weight after each optimizer step, as in Algorithm 1 of Zi et al. (2023).
 
-    For each Delta-LoRA layer and active adapter with ``update_ratio > 0`` it keeps a copy of the factors
-    ``(A, B)`` (not their product) and, after optimizer step ``t > start_step``, applies
-    ``W += update_ratio * s * (B'A' - BA)`` as one fused rank-2r in-place update
-    (:func:`deltalora_hf.functional.add_low_rank_`). A step that left the factors unchanged (e.g. skipped
-    by the fp16 grad scaler) moves nothing; a non-finite delta is skipped with a warning and W is untouched.
-    At step ``t == start_step`` it records the anchor factors ``(A_K, B_K)`` on each layer; in
-    ``base_update="factored"`` mode that is all it does (the forward pass adds the move, W is never written).
+    The update is one fused rank-2r in-place GEMM per layer (:func:`deltalora_hf.functional.add_low_rank_`) from
+    the factors the layer cached at its last sync (``r (d + k)`` numbers, never the product ``B A``). A step that
+    left the factors unchanged (e.g. skipped by the fp16 grad scaler) moves nothing; a non-finite delta is skipped
+    with a warning and W is untouched. In ``base_update="factored"`` mode the updater only anchors (the forward
+    pass adds the move, W is never written). One host synchronisation per step.
 
     Args:
-        model: the PEFT model (or any module containing a :class:`DeltaLoraModel`).
+        model: the PEFT model (or any module containing Delta-LoRA layers).
         seed: seed of the stochastic rounding used for bfloat16/float16 weights; every process of a
             data-parallel job must use the same seed so that the weights stay identical.
     """
 
     def __init__(self, model: nn.Module, *, seed: int = 0) -> None:
-        self.tuner = find_delta_lora_model(model)
-        self.tuner.model._deltalora_has_updater = True  # silences the plain-LoRA warning of DeltaLoraModel
+        self.model = model
         self.seed = seed
         self.next_step = 0
         self.last = UpdateStats()
-        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.moves_in_run = 0  # steps that moved some (effective) W since the last start_run()
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.snapshot()
+        for layer in find_delta_lora_layers(model):
+            layer.delta_driven = True  # silences the "training without an updater" warning
+            if any(layer._moves_w(a) for a in layer.active_adapters if a in layer.delta_base_update):
+                check_writable_in_place(layer.get_base_layer().weight)  # refuse before any step, not at step K + 1
 
-    def targets(self) -> Iterator[tuple[DeltaLoraLayer, str, DeltaLoraConfig]]:
-        """``(layer, adapter, config)`` for every active Delta-LoRA adapter whose W moves (lambda > 0)."""
-        configs = self.tuner.peft_config
-        for module in self.tuner.model.modules():
-            if not isinstance(module, DeltaLoraLayer):
-                continue
-            for adapter in module.active_adapters:
-                config = configs.get(adapter)
-                if isinstance(config, DeltaLoraConfig) and config.update_ratio > 0 and adapter in module.lora_anchored:
-                    yield module, adapter, config
+    def layers(self) -> list[DeltaLoraLayer]:
+        return find_delta_lora_layers(self.model)
 
-    def snapshot(self) -> None:
-        """Cache the current factors as "before the next step" (done at construction and at train start)."""
-        with torch.no_grad():
-            for layer, adapter, _ in self.targets():
-                _refuse_zero3(layer, adapter)
-                self._store(layer, adapter)
+    def start_run(self) -> int:
+        """Start a new run (step counter at 0) with W in step with the adapters; return the number of W writes."""
+        self.next_step = 0
+        self.moves_in_run = 0
+        return self.sync()
+
+    def sync(self) -> int:
+        """Bring every layer to its invariant (see :mod:`deltalora_hf.layer`); return the number of W writes."""
+        return sum(layer.sync_base_weight(full=True, generator=self._generator(layer)) for layer in self.layers())
 
     def step(self, step: int | None = None) -> UpdateStats:
-        """Apply the W update for the optimizer step that was just taken.
+        """Anchor where due, then move W for the optimizer step that was just taken.
 
         Args:
-            step: the 0-based index ``t`` of that optimizer step (``Trainer``'s ``state.global_step`` before it
-                is incremented). Defaults to one more than the previous call, starting at 0.
+            step: the 0-based index ``t`` of that optimizer step in this run (``Trainer``'s ``state.global_step``
+                before it is incremented). Defaults to one more than the previous call, starting at 0.
         """
         t = self.next_step if step is None else int(step)
         self.next_step = t + 1
+        layers = self.layers()
+        factored_moved = 0
         with torch.no_grad():
-            pending, factored_moved = [], 0
-            for layer, adapter, config in self.targets():
-                if t < config.start_step:
-                    continue
-                if config.base_update == "factored":
-                    if not layer.is_anchored(adapter):  # the only state factored mode needs
-                        layer.set_anchor(adapter, *layer.lora_factors(adapter))
-                    factored_moved += t > config.start_step
-                    continue
-                key = (id(layer), adapter)
-                if t == config.start_step and not layer.is_anchored(adapter):
-                    layer.set_anchor(adapter, *layer.lora_factors(adapter))
-                if t > config.start_step and key in self._cache:
-                    pending.append((layer, adapter, config, *self._cache[key]))
-                else:
-                    self._store(layer, adapter)  # the factors that step t + 1 starts from
-            stats = self._apply(t, pending)
-        self.last = dataclasses.replace(stats, layers_moved=stats.layers_moved + factored_moved)
+            for layer in layers:
+                layer.delta_driven = True
+                for adapter in layer.active_adapters:
+                    if adapter not in layer.delta_base_update or layer.delta_update_ratio[adapter] == 0:
+                        continue
+                    if not layer.is_anchored(adapter) and t >= layer.delta_start_step[adapter]:
+                        layer.set_anchor(adapter)
+                    elif layer._factored(adapter) and layer.is_anchored(adapter):
+                        factored_moved += 1  # anchored before this step: its effective W moved
+            moves = [move for layer in layers for move in layer.plan_base_moves()]
+            squares = torch.stack([m.square for m in moves]).tolist() if moves else []
+            moved, skipped, norm_sq = set(), 0, 0.0
+            for move, square in zip(moves, squares):
+                written = move.layer.apply_base_move(move, square, generator=self._generator(move.layer))
+                if written:
+                    moved.add(id(move.layer))
+                    norm_sq += square
+                skipped += not math.isfinite(square)
+        for layer in layers:
+            layer._record_synced()
+        self.moves_in_run += bool(moved) or factored_moved > 0
+        self.last = UpdateStats(
+            step=t,
+            layers_moved=len(moved) + factored_moved,
+            update_norm=math.sqrt(norm_sq),
+            layers_skipped_nonfinite=skipped,
+        )
         return self.last
 
     def move_norm(self) -> float:
         """Frobenius norm of the whole change of the targeted weights so far, ``W_eff - W_0`` (both modes)."""
         total = 0.0
         with torch.no_grad():
-            for layer, adapter, _ in self.targets():
-                if layer.is_anchored(adapter):
-                    a, b = layer.lora_factors(adapter)
-                    u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
-                    total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
+            for layer in self.layers():
+                for adapter in layer.active_adapters:
+                    if adapter in layer.delta_base_update and layer.is_anchored(adapter):
+                        a, b = layer.lora_factors(adapter)
+                        u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+                        total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
         return math.sqrt(total)
 
-    def _apply(self, t: int, pending: list) -> UpdateStats:
-        if not pending:
-            return UpdateStats(step=t)
-        # One host sync per step: the squared norm of each layer's delta. It is exactly 0 when the factors did
-        # not change (a step skipped by the grad scaler) and non-finite when the delta is. (U, V) are rebuilt
-        # below rather than kept, so that no more than one layer's (U, V) is alive at a time.
-        squares = []
-        for layer, adapter, config, a_old, b_old in pending:
-            weight = layer.get_base_layer().weight
-            if type(weight.data) is not torch.Tensor:  # DTensor (FSDP2), quantized or other tensor subclass
-                raise RuntimeError(
-                    f"Delta-LoRA cannot update a {type(weight.data).__name__} base weight in place (sharded by "
-                    "FSDP/ZeRO-3, or quantized). Use DeltaLoraConfig(base_update='factored'), which never writes W."
-                )
-            a, b = layer.lora_factors(adapter)
-            squares.append(low_rank_frobenius_sq(*delta_factors(a, b, a_old, b_old)) * layer.move_scale(adapter) ** 2)
-        moved, skipped, norm_sq = 0, 0, 0.0
-        for (layer, adapter, config, a_old, b_old), sq in zip(pending, torch.stack(squares).tolist()):
-            if sq == 0.0:
-                continue  # the factors did not change: nothing to move
-            if not math.isfinite(sq):
-                skipped += 1
-                warnings.warn(
-                    f"Delta-LoRA: the W update of a layer for adapter '{adapter}' at step {t} is not finite; "
-                    "skipped for this step, W untouched.",
-                    stacklevel=3,
-                )
-                continue
-            if layer.merged:
-                raise RuntimeError("Delta-LoRA cannot update a merged adapter; call model.unmerge_adapter() first.")
-            a, b = layer.lora_factors(adapter)
-            if not layer.is_anchored(adapter):  # attached after the start step: W starts moving from here
-                layer.set_anchor(adapter, a_old, b_old)
-            weight = layer.get_base_layer().weight
-            add_low_rank_(
-                weight,
-                *delta_factors(a, b, a_old, b_old),
-                layer.move_scale(adapter),
-                transposed=layer.weight_is_transposed,
-                rounding=config.base_update_rounding,
-                generator=self._generator(weight.device),
-            )
-            a_old.copy_(a)
-            b_old.copy_(b)
-            moved += 1
-            norm_sq += sq
-        return UpdateStats(step=t, layers_moved=moved, update_norm=math.sqrt(norm_sq), layers_skipped_nonfinite=skipped)
-
     def has_moved(self) -> bool:
-        """Whether the last step taken was past some adapter's start step, i.e. some W has moved."""
-        return any(self.next_step - 1 > config.start_step for _, _, config in self.targets())
+        """Whether some active adapter is anchored with lambda > 0, i.e. its (effective) W moves."""
+        return any(
+            layer.is_anchored(a) and layer.delta_update_ratio[a] != 0
+            for layer in self.layers()
+            for a in layer.active_adapters
+            if a in layer.delta_base_update
+        )
 
-    def _store(self, layer: DeltaLoraLayer, adapter: str) -> None:
-        a, b = layer.lora_factors(adapter)
-        cached = self._cache.get((id(layer), adapter))
-        if cached is None or cached[0].shape != a.shape or cached[0].dtype != a.dtype:
-            self._cache[(id(layer), adapter)] = (a.detach().clone(), b.detach().clone())
-        else:
-            cached[0].copy_(a)
-            cached[1].copy_(b)
+    def start_steps(self) -> list[int]:
+        """The start steps of the active adapters whose W moves (lambda > 0)."""
+        return sorted(
+            {
+                layer.delta_start_step[a]
+                for layer in self.layers()
+                for a in layer.active_adapters
+                if a in layer.delta_base_update and layer.delta_update_ratio[a] != 0
+            }
+        )
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, layer: DeltaLoraLayer) -> torch.Generator:
+        device = layer.get_base_layer().weight.device
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]

@@ -28,8 +28,8 @@ def _train(model, tmp_path, steps=12, **args):
     return trainer
 
 
-def _logits(model, seed=7):
-    model.eval()
+def _logits(model, seed=7, train_mode=False):
+    model.train(train_mode)
     with torch.no_grad():
         return model(input_ids=default_collate(lm_rows(4, seed=seed))["input_ids"]).logits.float()
 
@@ -134,7 +134,8 @@ def test_quantized_bases_train_in_factored_mode_and_refuse_inplace(quant, tmp_pa
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tiny_llama().save_pretrained(tmp_path / "base")
+    # hidden size 64: bitsandbytes' CPU 4-bit kernels reject 32 on some CPUs (AVX512-BF16), plain PEFT LoRA too
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
     if quant == "int8":
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -151,13 +152,15 @@ def test_quantized_bases_train_in_factored_mode_and_refuse_inplace(quant, tmp_pa
         DeltaLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], update_ratio=0.5, start_step=2,
                         base_update="factored"),
     )
-    before = _logits(model)
+    # Logits in train mode: bitsandbytes' CPU backend repacks 4-bit weights on the first eval-mode forward, after
+    # which training gets no gradient (plain PEFT LoRA fails the same way), so eval mode comes only after training.
+    before = _logits(model, train_mode=True)
     _train(model, tmp_path / "run", steps=8)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ in ("Linear4bit", "Linear8bitLt") and layer.is_anchored("default")
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     a_k, b_k = layer.lora_anchor_A["default"], layer.lora_anchor_B["default"]
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 64)
     with torch.no_grad():
         lora_only = layer.base_layer(x) + 2.0 * (x @ a.T @ b.T)
         expected = lora_only + 0.5 * 2.0 * (x @ a.T @ b.T - x @ a_k.T @ b_k.T)  # Algorithm 1's moved W, factored
