@@ -136,10 +136,18 @@ class DeltaLoraLayer:
         self.delta_start_step[adapter_name] = int(config.start_step)
         self.delta_rounding[adapter_name] = config.base_update_rounding
         a, b = self.lora_factors(adapter_name)
-        self.lora_anchor_A[adapter_name] = torch.zeros_like(a, requires_grad=False)
-        self.lora_anchor_B[adapter_name] = torch.zeros_like(b, requires_grad=False)
-        self.lora_anchored[adapter_name] = torch.zeros((), dtype=torch.bool, device=a.device)
+        # On W's device even when the factors are created on "meta" (low_cpu_mem_usage): PEFT moves the adapter's
+        # modules to W's device unless they hold meta *parameters*, and these are buffers.
+        device = self.get_base_layer().weight.device
+        self.lora_anchor_A[adapter_name] = torch.zeros(a.shape, dtype=a.dtype, device=device)
+        self.lora_anchor_B[adapter_name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+        self.lora_anchored[adapter_name] = torch.zeros((), dtype=torch.bool, device=device)
         self._delta_seen = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # the sync bookkeeping holds weak references: start afresh after unpickling
+        state["_delta_seen"], state["_anchored_cache"] = None, {}
+        return state
 
     # -- what each layer type defines -----------------------------------------------------------------------
 

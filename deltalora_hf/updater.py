@@ -107,17 +107,19 @@ class DeltaLoraUpdater:
         t = self.next_step if step is None else int(step)
         self.next_step = t + 1
         layers = self.layers()
-        factored_moved = 0
+        factored_moved, anchored_before = 0, False
         with torch.no_grad():
             for layer in layers:
                 layer.delta_driven = True
                 for adapter in layer.active_adapters:
                     if adapter not in layer.delta_base_update or layer.delta_update_ratio[adapter] == 0:
                         continue
-                    if not layer.is_anchored(adapter) and t >= layer.delta_start_step[adapter]:
-                        layer.set_anchor(adapter)
-                    elif layer._factored(adapter) and layer.is_anchored(adapter):
-                        factored_moved += 1  # anchored before this step: its effective W moved
+                    if not layer.is_anchored(adapter):
+                        if t >= layer.delta_start_step[adapter]:
+                            layer.set_anchor(adapter)
+                        continue
+                    anchored_before = True  # so this step moved its (effective) W, whichever updater applies it
+                    factored_moved += layer._factored(adapter)
             moves = [move for layer in layers for move in layer.plan_base_moves()]
             squares = torch.stack([m.square for m in moves]).tolist() if moves else []
             moved, skipped, norm_sq = set(), 0, 0.0
@@ -129,7 +131,7 @@ class DeltaLoraUpdater:
                 skipped += not math.isfinite(square)
         for layer in layers:
             layer._record_synced()
-        self.moves_in_run += bool(moved) or factored_moved > 0
+        self.moves_in_run += anchored_before
         self.last = UpdateStats(
             step=t,
             layers_moved=len(moved) + factored_moved,
