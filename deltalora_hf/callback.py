@@ -6,7 +6,6 @@ import warnings
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
-from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from .updater import DeltaLoraUpdater
 
@@ -26,9 +25,8 @@ class DeltaLoRACallback(TrainerCallback):
     ``deltalora/move_norm`` (norm of the whole change of W so far).
 
     ``Trainer`` calls the reporting integrations (TensorBoard, W&B, ...) before the callbacks passed to it, so
-    those see the metrics only if the callback runs first: pass ``trainer=`` (as TRL's callbacks do), which adds
-    the callback to that trainer ahead of its reporting callbacks, through ``Trainer.pop_callback`` /
-    ``add_callback``::
+    those see the metrics only if this callback runs first: pass ``trainer=`` (as TRL's callbacks do), which puts
+    the callback first in that trainer, through the public ``Trainer.pop_callback`` / ``add_callback``::
 
         trainer = Trainer(model=model, args=args, train_dataset=ds)
         DeltaLoRACallback(trainer=trainer)
@@ -47,13 +45,12 @@ class DeltaLoRACallback(TrainerCallback):
             self._join(trainer)
 
     def _join(self, trainer: Trainer) -> None:
-        reporters = tuple(INTEGRATION_TO_CALLBACK.values())
         trainer.pop_callback(self)
-        later = [c for c in trainer.callback_handler.callbacks if isinstance(c, reporters)]
-        for callback in later:
+        others = list(trainer.callback_handler.callbacks)
+        for callback in others:
             trainer.pop_callback(callback)
         trainer.add_callback(self)
-        for callback in later:
+        for callback in others:
             trainer.add_callback(callback)
         self._attach(trainer.model)
 
