@@ -32,8 +32,13 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TARGETS = ["c_attn", "c_proj", "c_fc"]
-VARIANTS = ("lora", "deltalora", "naive")
-TITLES = {"lora": "PEFT LoRA", "deltalora": "Delta-LoRA (deltalora_hf)", "naive": "naive Delta-LoRA (dense B·A cache)"}
+VARIANTS = ("lora", "deltalora", "factored", "naive")
+TITLES = {
+    "lora": "PEFT LoRA",
+    "deltalora": "Delta-LoRA in place (deltalora_hf)",
+    "factored": "Delta-LoRA factored (deltalora_hf)",
+    "naive": "naive Delta-LoRA (dense B·A cache)",
+}
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -86,8 +91,10 @@ def build(variant: str, seed: int = 0, dtype: torch.dtype = torch.float32, r: in
 
     model = gpt2_small(seed, dtype, config_overrides)
     common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS, fan_in_fan_out=True)
-    if variant == "deltalora":
-        model = peft.get_peft_model(model, deltalora_hf.DeltaLoraConfig(**common, update_ratio=2.0, start_step=0))
+    if variant in ("deltalora", "factored"):
+        mode = "inplace" if variant == "deltalora" else "factored"
+        config = deltalora_hf.DeltaLoraConfig(**common, update_ratio=2.0, start_step=0, base_update=mode)
+        model = peft.get_peft_model(model, config)
         return model, deltalora_hf.DeltaLoraUpdater(model)
     model = peft.get_peft_model(model, peft.LoraConfig(**common))
     return model, (NaiveDeltaLoRA(model, update_ratio=2.0) if variant == "naive" else None)
@@ -103,9 +110,10 @@ def extra_state_bytes(variant: str, model: nn.Module, updater) -> int:
         return 0
     if variant == "naive":
         return updater.extra_bytes()
-    cached = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in updater._cache.values())
-    anchors = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "lora_anchor" in n)
-    return cached + anchors
+    # the anchors (A_K, B_K) and, in place, the applied record (the factors and anchors whose move W holds)
+    return sum(
+        b.numel() * b.element_size() for n, b in model.named_buffers() if "lora_anchor" in n or "lora_applied" in n
+    )
 
 
 # ----------------------------------------------------------------------------------------------- step time
@@ -140,7 +148,7 @@ def paired_step_times(trainees: list[Trainee], batches: list[torch.Tensor], warm
     """One step of every trainee per repetition, order rotated each repetition; warm-up steps dropped."""
     times: dict[str, list[float]] = {t.variant: [] for t in trainees}
     for i, batch in enumerate(batches):
-        order = trainees[i % len(trainees):] + trainees[: i % len(trainees)]
+        order = trainees[i % len(trainees) :] + trainees[: i % len(trainees)]
         for trainee in order:
             elapsed = trainee.step(batch)
             if i >= warmup:
@@ -151,8 +159,14 @@ def paired_step_times(trainees: list[Trainee], batches: list[torch.Tensor], warm
 def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, float]:
     ratios = sorted(a / b for a, b in zip(numerator, denominator))
     q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
-    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "min": ratios[0], "max": ratios[-1],
-            "ratio_of_medians": statistics.median(numerator) / statistics.median(denominator)}
+    return {
+        "median": statistics.median(ratios),
+        "q1": q[0],
+        "q3": q[2],
+        "min": ratios[0],
+        "max": ratios[-1],
+        "ratio_of_medians": statistics.median(numerator) / statistics.median(denominator),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- W update
@@ -178,11 +192,12 @@ def update_timings(dtype: torch.dtype, reps: int, device: torch.device, config_o
     model, updater = build("deltalora", 0, dtype, config_overrides=config_overrides)
     model.to(device)
     updater = deltalora_hf.DeltaLoraUpdater(model)  # cache on the device
-    layers = [(layer, adapter, config) for layer, adapter, config in updater.targets()]
+    layers = [(layer, "default", layer.delta_update_ratio["default"]) for layer in updater.layers()]
     weights = [layer.get_base_layer().weight for layer, _, _ in layers]
     deltas = [torch.randn(w.shape, dtype=torch.float32, device=device).mul_(1e-4).to(dtype) for w in weights]
     generator = torch.Generator().manual_seed(0)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    updater.step(0)  # start_step 0: anchors now, so that every timed step moves every layer
 
     def timed(fn) -> float:
         _sync(device)
@@ -194,17 +209,18 @@ def update_timings(dtype: torch.dtype, reps: int, device: torch.device, config_o
     step_t, functional_t, add_t = [], [], []
     for i in range(reps + 1):
         _perturb_factors(model, generator)
-        elapsed = timed(lambda: updater.step(i + 1))
+        elapsed = timed(lambda step=i + 1: updater.step(step))
         assert updater.last.layers_moved == len(layers), updater.last
         factors = []
-        for layer, adapter, config in layers:
+        for layer, adapter, ratio in layers:
             a, b = layer.lora_factors(adapter)
-            factors.append((delta_factors(a, b, a * 0.5, b * 0.5), config.update_ratio * layer.scaling[adapter],
-                            layer.weight_is_transposed))
+            factors.append(
+                (delta_factors(a, b, a * 0.5, b * 0.5), ratio * layer.scaling[adapter], layer.weight_is_transposed)
+            )
 
-        def functional() -> None:
+        def functional(factors=factors) -> None:
             for w, ((u, v), alpha, transposed) in zip(weights, factors):
-                add_low_rank_(w, u, v, alpha, transposed=transposed, generator=updater._generator(w.device))
+                add_low_rank_(w, u, v, alpha, transposed=transposed, generator=torch.Generator().manual_seed(0))
 
         f_elapsed = timed(functional)
         a_elapsed = timed(lambda: [w.add_(x) for w, x in zip(weights, deltas)])
@@ -214,10 +230,16 @@ def update_timings(dtype: torch.dtype, reps: int, device: torch.device, config_o
             add_t.append(a_elapsed)
     med = statistics.median
     return {
-        "dtype": str(dtype).replace("torch.", ""), "layers": len(layers), "weight_bytes": weight_bytes,
-        "updater_step_s": med(step_t), "add_low_rank_s": med(functional_t), "w_add_s": med(add_t),
-        "ratio_updater_vs_add": med(step_t) / med(add_t), "ratio_functional_vs_add": med(functional_t) / med(add_t),
-        "updater_step_all_s": step_t, "w_add_all_s": add_t,
+        "dtype": str(dtype).replace("torch.", ""),
+        "layers": len(layers),
+        "weight_bytes": weight_bytes,
+        "updater_step_s": med(step_t),
+        "add_low_rank_s": med(functional_t),
+        "w_add_s": med(add_t),
+        "ratio_updater_vs_add": med(step_t) / med(add_t),
+        "ratio_functional_vs_add": med(functional_t) / med(add_t),
+        "updater_step_all_s": step_t,
+        "w_add_all_s": add_t,
     }
 
 
@@ -239,13 +261,19 @@ def memory_child(variant: str, steps: int, batch: int, seq: int) -> dict[str, in
     data = torch.randint(0, 50257, (steps, batch, seq))
     for b in data:
         trainee.step(b)
-    return {"peak_rss": _rss("VmHWM"), "rss": _rss("VmRSS"), "adapter_bytes": adapter_bytes(trainee.model),
-            "extra_state_bytes": extra_state_bytes(variant, trainee.model, trainee.updater)}
+    return {
+        "peak_rss": _rss("VmHWM"),
+        "rss": _rss("VmRSS"),
+        "adapter_bytes": adapter_bytes(trainee.model),
+        "extra_state_bytes": extra_state_bytes(variant, trainee.model, trainee.updater),
+    }
 
 
 def memory_in_subprocess(variant: str, steps: int, batch: int, seq: int) -> dict[str, int]:
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import perf; "
-            f"print('RESULT' + json.dumps(perf.memory_child({variant!r}, {steps}, {batch}, {seq})))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import perf; "
+        f"print('RESULT' + json.dumps(perf.memory_child({variant!r}, {steps}, {batch}, {seq})))"
+    )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(output.split("RESULT", 1)[1])
 
@@ -305,17 +333,21 @@ def main() -> None:
     trainees = [make_trainee(v) for v in VARIANTS]
     total_params = sum(p.numel() for p in trainees[0].model.parameters())
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 50257, (args.batch, args.seq), generator=generator)
-               for _ in range(args.reps + args.warmup)]
+    batches = [
+        torch.randint(0, 50257, (args.batch, args.seq), generator=generator) for _ in range(args.reps + args.warmup)
+    ]
     step_times = paired_step_times(trainees, batches, args.warmup)
-    ratios = {v: ratio_stats(step_times[v], step_times["lora"]) for v in ("deltalora", "naive")}
+    ratios = {v: ratio_stats(step_times[v], step_times["lora"]) for v in VARIANTS if v != "lora"}
     state = {t.variant: extra_state_bytes(t.variant, t.model, t.updater) for t in trainees}
     adapter = adapter_bytes(trainees[0].model)
     del trainees
 
     print("[2/3] W update timings (float32, bfloat16)", flush=True)
     cpu = torch.device("cpu")
-    updates = [update_timings(torch.float32, args.update_reps, cpu), update_timings(torch.bfloat16, args.update_reps, cpu)]
+    updates = [
+        update_timings(torch.float32, args.update_reps, cpu),
+        update_timings(torch.bfloat16, args.update_reps, cpu),
+    ]
 
     memory = {}
     if not args.skip_memory:
@@ -324,52 +356,90 @@ def main() -> None:
 
     med = statistics.median
     lines = [
-        "# Delta-LoRA performance on CPU", "",
+        "# Delta-LoRA performance on CPU",
+        "",
         f"GPT-2 small size ({total_params / 1e6:.0f}M parameters, random init from `GPT2Config()`), r=8, alpha=16, "
         f"targets {TARGETS} (48 layers), batch {args.batch} x {args.seq} tokens, AdamW, float32. "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; load average before/after: {load_before} / {load_average()} "
-        "(above the core count means other jobs shared the cores: absolute times get noisy, paired ratios less so).", "",
-        "## Training step time (paired, interleaved)", "",
+        "(above the core count means other jobs shared the cores: absolute times get noisy, paired ratios less so).",
+        "",
+        "## Training step time (paired, interleaved)",
+        "",
         "| variant | median step (s) | ratio to LoRA: median [q1, q3] (min..max) | target |",
         "|---|---|---|---|",
         f"| {TITLES['lora']} | {med(step_times['lora']):.3f} | 1 | |",
     ]
-    for v in ("deltalora", "naive"):
+    for v in VARIANTS[1:]:
         r = ratios[v]
-        target = "≤ 1.03" if v == "deltalora" else ""
-        lines.append(f"| {TITLES[v]} | {med(step_times[v]):.3f} | {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}] "
-                     f"({r['min']:.3f}..{r['max']:.3f}) | {target} |")
-    lines += ["", f"{args.reps} measured repetitions; each repetition runs one step of every variant on the same "
-              "batch, in rotating order; the ratio is taken per repetition.", "",
-              "## Memory beyond LoRA", "",
-              f"LoRA adapter parameters: {mib(adapter)} (float32).", "",
-              "| variant | extra persistent state | × adapter bytes | target | peak RSS of 3 training steps (own process) |",
-              "|---|---|---|---|---|"]
+        target = {"deltalora": "≤ 1.03", "factored": "≤ 1.02 at 4×128"}.get(v, "")
+        lines.append(
+            f"| {TITLES[v]} | {med(step_times[v]):.3f} | {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}] "
+            f"({r['min']:.3f}..{r['max']:.3f}) | {target} |"
+        )
+    lines += [
+        "",
+        f"{args.reps} measured repetitions; each repetition runs one step of every variant on the same "
+        "batch, in rotating order; the ratio is taken per repetition.",
+        "",
+        "## Memory beyond LoRA",
+        "",
+        f"LoRA adapter parameters: {mib(adapter)} (float32).",
+        "",
+        "| variant | extra persistent state | × adapter bytes | target | peak RSS of 3 training steps (own process) |",
+        "|---|---|---|---|---|",
+    ]
     for v in VARIANTS:
         peak = mib(memory[v]["peak_rss"]) if memory else "not measured"
         if memory and v != "lora":
             peak += f" ({(memory[v]['peak_rss'] - memory['lora']['peak_rss']) / 2**20:+,.1f} MiB vs LoRA)"
-        target = "≤ 2×" if v == "deltalora" else ""
+        target = "≤ 3×" if v == "deltalora" else ("≤ 1×" if v == "factored" else "")
         lines.append(f"| {TITLES[v]} | {mib(state[v])} | {state[v] / adapter:.2f} | {target} | {peak} |")
-    lines += ["", "Delta-LoRA keeps the factors of the previous step (A, B) and the anchors (A_K, B_K): 2× the adapter; "
-              "the naive variant keeps one dense s·B·A per layer, i.e. a second copy of every targeted weight.", "",
-              "## One W update of all targeted layers vs the same-size `W.add_(X)`", "",
-              "| dtype | targeted W | `W.add_(X)` (s) | `DeltaLoraUpdater.step` (s) | ratio | `add_low_rank_` only (s) | ratio | target |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "In place, Delta-LoRA keeps the anchors (A_K, B_K) and the applied record (the factors and anchors whose "
+        "move W holds: what the next update starts from, and what lets any path restore W): 3× the adapter; "
+        "factored mode keeps only the anchors (1×); "
+        "the naive variant keeps one dense s·B·A per layer, i.e. a second copy of every targeted weight.",
+        "",
+        "## One W update of all targeted layers vs the same-size `W.add_(X)`",
+        "",
+        "| dtype | targeted W | `W.add_(X)` (s) | `DeltaLoraUpdater.step` (s) | ratio | `add_low_rank_` only (s) "
+        "| ratio | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for u in updates:
         target = "≤ 2.5×" if u["dtype"] == "float32" else ""
-        lines.append(f"| {u['dtype']} | {mib(u['weight_bytes'])} | {u['w_add_s']:.4f} | {u['updater_step_s']:.4f} | "
-                     f"{u['ratio_updater_vs_add']:.2f} | {u['add_low_rank_s']:.4f} | {u['ratio_functional_vs_add']:.2f} "
-                     f"| {target} |")
-    lines += ["", "`DeltaLoraUpdater.step` includes its per-step checks (factors changed, delta finite: one host sync). "
-              "bfloat16 uses stochastic rounding (float32 block sum, random draw per element), which is why it costs "
-              "more than a plain bf16 add.", "", "![perf](perf.png)", ""]
+        lines.append(
+            f"| {u['dtype']} | {mib(u['weight_bytes'])} | {u['w_add_s']:.4f} | {u['updater_step_s']:.4f} | "
+            f"{u['ratio_updater_vs_add']:.2f} | {u['add_low_rank_s']:.4f} | {u['ratio_functional_vs_add']:.2f} "
+            f"| {target} |"
+        )
+    lines += [
+        "",
+        "`DeltaLoraUpdater.step` includes its per-step checks (factors changed, delta finite: one host sync). "
+        "bfloat16 uses stochastic rounding (float32 block sum, random draw per element), which is why it costs "
+        "more than a plain bf16 add.",
+        "",
+        "![perf](perf.png)",
+        "",
+    ]
     markdown = "\n".join(lines)
     (out / "perf.md").write_text(markdown, encoding="utf-8")
-    (out / "perf.json").write_text(json.dumps({"args": vars(args), "step_times": step_times, "ratios": ratios,
-                                                "extra_state_bytes": state, "adapter_bytes": adapter,
-                                                "updates": updates, "memory": memory}, indent=1))
+    (out / "perf.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "step_times": step_times,
+                "ratios": ratios,
+                "extra_state_bytes": state,
+                "adapter_bytes": adapter,
+                "updates": updates,
+                "memory": memory,
+            },
+            indent=1,
+        )
+    )
     plot(step_times, updates, out / "perf.png")
     print(markdown)
 

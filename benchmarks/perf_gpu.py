@@ -70,8 +70,10 @@ def main() -> None:
         args.batch, args.seq, args.reps, args.warmup, args.update_reps = 1, 16, 2, 1, 1
         print("perf_gpu: no CUDA device; --allow-cpu: tiny model on the CPU, numbers are meaningless.")
     else:
-        print("perf_gpu: no CUDA device found (torch.cuda.is_available() is False). This benchmark needs an NVIDIA GPU; "
-              "on a CPU run benchmarks/perf.py instead (or pass --allow-cpu to check this script with a tiny model).")
+        print(
+            "perf_gpu: no CUDA device found (torch.cuda.is_available() is False). This benchmark needs an NVIDIA GPU; "
+            "on a CPU run benchmarks/perf.py instead (or pass --allow-cpu to check this script with a tiny model)."
+        )
         return
 
     out = Path(args.out)
@@ -99,7 +101,7 @@ def main() -> None:
 
     times: dict[str, list[float]] = {t.variant: [] for t in trainees}
     for i, batch in enumerate(batches):
-        order = trainees[i % 3:] + trainees[: i % 3]
+        order = trainees[i % 3 :] + trainees[: i % 3]
         for t in order:
             elapsed = synced_step(t, batch)
             if device.type == "cuda":
@@ -115,36 +117,59 @@ def main() -> None:
         memory = {v: cuda_peak_memory(v, overrides, args.batch, args.seq, 3, device) for v in perf.VARIANTS}
 
     print("[3/3] W update vs W.add_(X)", flush=True)
-    updates = [perf.update_timings(dtype, args.update_reps, device, overrides) for dtype in (torch.bfloat16,
-                                                                                              torch.float32)]
+    updates = [
+        perf.update_timings(dtype, args.update_reps, device, overrides) for dtype in (torch.bfloat16, torch.float32)
+    ]
     for u in updates:
         u["bandwidth_updater_GBps"] = 2 * u["weight_bytes"] / u["updater_step_s"] / 1e9
         u["bandwidth_add_GBps"] = 3 * u["weight_bytes"] / u["w_add_s"] / 1e9
 
     med = statistics.median
-    lines = [f"# Delta-LoRA performance on {name}", "",
-             f"GPT-2 architecture, {total / 1e6:.0f}M parameters ({overrides}), bfloat16 weights, r=8, targets "
-             f"{perf.TARGETS}, batch {args.batch} x {args.seq}, AdamW. torch {torch.__version__}.", "",
-             "| variant | median step (s) | ratio to LoRA median [q1, q3] | peak CUDA memory | vs LoRA (× adapter bytes) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Delta-LoRA performance on {name}",
+        "",
+        f"GPT-2 architecture, {total / 1e6:.0f}M parameters ({overrides}), bfloat16 weights, r=8, targets "
+        f"{perf.TARGETS}, batch {args.batch} x {args.seq}, AdamW. torch {torch.__version__}.",
+        "",
+        "| variant | median step (s) | ratio to LoRA median [q1, q3] | peak CUDA memory | vs LoRA (× adapter bytes) |",
+        "|---|---|---|---|---|",
+    ]
     for v in perf.VARIANTS:
         ratio = "1" if v == "lora" else f"{ratios[v]['median']:.3f} [{ratios[v]['q1']:.3f}, {ratios[v]['q3']:.3f}]"
         mem = perf.mib(memory[v]) if memory else "n/a"
         extra = f"{(memory[v] - memory['lora']) / adapter:.2f}" if memory else "n/a"
         lines.append(f"| {perf.TITLES[v]} | {med(times[v]):.4f} | {ratio} | {mem} | {extra} |")
-    lines += ["", f"Adapter: {perf.mib(adapter)}.", "",
-              "| dtype | targeted W | `W.add_(X)` (s) | `updater.step` (s) | ratio | `add_low_rank_` (s) | ratio | "
-              "update bandwidth (GB/s) | `add_` bandwidth (GB/s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Adapter: {perf.mib(adapter)}.",
+        "",
+        "| dtype | targeted W | `W.add_(X)` (s) | `updater.step` (s) | ratio | `add_low_rank_` (s) | ratio | "
+        "update bandwidth (GB/s) | `add_` bandwidth (GB/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for u in updates:
-        lines.append(f"| {u['dtype']} | {perf.mib(u['weight_bytes'])} | {u['w_add_s']:.5f} | {u['updater_step_s']:.5f} | "
-                     f"{u['ratio_updater_vs_add']:.2f} | {u['add_low_rank_s']:.5f} | {u['ratio_functional_vs_add']:.2f} | "
-                     f"{u['bandwidth_updater_GBps']:.0f} | {u['bandwidth_add_GBps']:.0f} |")
+        lines.append(
+            f"| {u['dtype']} | {perf.mib(u['weight_bytes'])} | {u['w_add_s']:.5f} | {u['updater_step_s']:.5f} | "
+            f"{u['ratio_updater_vs_add']:.2f} | {u['add_low_rank_s']:.5f} | {u['ratio_functional_vs_add']:.2f} | "
+            f"{u['bandwidth_updater_GBps']:.0f} | {u['bandwidth_add_GBps']:.0f} |"
+        )
     markdown = "\n".join(lines) + "\n"
     suffix = "" if device.type == "cuda" else "_cpucheck"
     (out / f"perf_gpu{suffix}.md").write_text(markdown)
-    (out / f"perf_gpu{suffix}.json").write_text(json.dumps({"args": vars(args), "device": name, "times": times,
-                                                           "ratios": ratios, "memory": memory, "updates": updates,
-                                                           "adapter_bytes": adapter}, indent=1))
+    (out / f"perf_gpu{suffix}.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "device": name,
+                "times": times,
+                "ratios": ratios,
+                "memory": memory,
+                "updates": updates,
+                "adapter_bytes": adapter,
+            },
+            indent=1,
+        )
+    )
     print(markdown)
 
 

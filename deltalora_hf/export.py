@@ -40,7 +40,11 @@ def exported_factors(layer: DeltaLoraLayer, adapter_name: str) -> tuple[torch.Te
 
 def _lora_config(config: DeltaLoraConfig, layers: dict[str, DeltaLoraLayer], adapter_name: str) -> LoraConfig:
     lora_fields = {f.name for f in fields(LoraConfig)}
-    values = {k: v for k, v in config.to_dict().items() if k in lora_fields and k not in ("peft_type", "rank_pattern", "alpha_pattern")}
+    values = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k in lora_fields and k not in ("peft_type", "rank_pattern", "alpha_pattern")
+    }
     default_r, default_scale = 2 * config.r, (config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r))
     rank_pattern, alpha_pattern = {}, {}
     for name, layer in layers.items():
@@ -73,7 +77,9 @@ def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_nam
     config = model.peft_config[adapter_name]
     if not isinstance(config, DeltaLoraConfig):
         raise ValueError(f"adapter '{adapter_name}' is not a Delta-LoRA adapter ({type(config).__name__}).")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer) and adapter_name in m.lora_anchored}
+    layers = {
+        n: m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer) and adapter_name in m.lora_anchored
+    }
     state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state = {k: v for k, v in state.items() if not k.rsplit(".", 1)[-1].startswith("lora_anchor")}
     for name, layer in layers.items():

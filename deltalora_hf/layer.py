@@ -33,8 +33,9 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

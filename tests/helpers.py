@@ -36,8 +36,16 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overr
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
 
@@ -63,14 +71,14 @@ def lm_rows(n: int, length: int = 12, seed: int = 0) -> list[dict[str, torch.Ten
     ids = (starts + 7 * torch.arange(length)) % VOCAB
     labels = ids.clone()
     labels[:, 0] = -100  # no loss term for it anyway: Trainer's token count then equals the loss's
-    return [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
 
 
 def cls_rows(n: int, length: int = 10, num_labels: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (n, length), generator=g)
     labels = ids[:, 0] % num_labels
-    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": l} for i, l in zip(ids, labels)]
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels)]
 
 
 class SequentialTrainer(Trainer):

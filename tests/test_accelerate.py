@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SequentialTrainer, lm_rows, tiny_llama, train_args
 from peft import get_peft_model
 from torch.utils.data import DataLoader, default_collate
 
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, DeltaLoraUpdater
+
+from .helpers import SequentialTrainer, lm_rows, tiny_llama, train_args
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SequentialTrainer, base_weights, lm_rows, tiny_gpt2, tiny_llama, train_args
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import default_collate
 
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig
+
+from .helpers import SequentialTrainer, base_weights, lm_rows, tiny_gpt2, tiny_llama, train_args
 
 STEPS, K, LAMBDA, R, ALPHA, LR, BATCH = 24, 5, 0.5, 4, 8, 1e-2, 4
 
@@ -53,7 +54,9 @@ def reference_algorithm_1(base, targets, init_state, rows, steps, start_step, up
 def _train_delta(model_fn, targets, tmp_path, rows, steps, start_step=K, update_ratio=LAMBDA, **args):
     model = get_peft_model(
         model_fn(),
-        DeltaLoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, update_ratio=update_ratio, start_step=start_step),
+        DeltaLoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules=targets, update_ratio=update_ratio, start_step=start_step
+        ),
     )
     init_state = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     trainer = SequentialTrainer(
@@ -94,7 +97,10 @@ def test_trainer_matches_hand_written_algorithm_1(model_fn, targets, tmp_path):
     max_diff = max(
         (model.state_dict()[k] - v).abs().max().item() for k, v in ref.state_dict().items() if k in model.state_dict()
     )
-    print(f"\n{model_fn.__name__}: {STEPS} steps, K={K}: max |W_T - W_0| = {moved:.3e}, max abs diff vs reference = {max_diff:.2e}")
+    print(
+        f"\n{model_fn.__name__}: {STEPS} steps, K={K}: max |W_T - W_0| = {moved:.3e}, "
+        f"max abs diff vs reference = {max_diff:.2e}"
+    )
 
 
 def test_reference_detects_a_wrong_delta(tmp_path):

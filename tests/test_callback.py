@@ -6,12 +6,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import SequentialTrainer, base_weights, lm_rows, tiny_llama, train_args
 from peft import get_peft_model
 from torch.utils.data import default_collate
 from transformers import TrainerCallback
 
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, DeltaLoraUpdater
+
+from .helpers import SequentialTrainer, base_weights, lm_rows, tiny_llama, train_args
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -34,7 +35,9 @@ def _same(a, b):
 
 
 def _delta_model(start_step=2, update_ratio=0.5, **kwargs):
-    config = DeltaLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, update_ratio=update_ratio, start_step=start_step, **kwargs)
+    config = DeltaLoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, update_ratio=update_ratio, start_step=start_step, **kwargs
+    )
     return get_peft_model(tiny_llama(), config)
 
 
@@ -61,13 +64,11 @@ def test_w_is_bit_identical_up_to_step_k_then_moves_once_per_optimizer_step(tmp_
     for t in range(4, 8):  # t > K: every optimizer step moves every W
         assert all(not torch.equal(record.steps[t][k], record.steps[t - 1][k]) for k in w0), t
     # micro-steps of gradient accumulation never move W
-    previous = w0
     for i, sub in enumerate(record.substeps):
         step_index = i // (accumulation - 1) if accumulation > 1 else None
         if step_index is not None:
             expected = record.steps[step_index - 1] if step_index > 0 else w0
             assert _same(sub, expected)
-        previous = sub
     assert len(record.substeps) == 8 * (accumulation - 1)
 
 
@@ -104,7 +105,10 @@ def test_no_end_warning_when_w_moved(tmp_path):
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(?!Delta-LoRA).*", category=FutureWarning)
         trainer = SequentialTrainer(
-            model=model, args=train_args(tmp_path, max_steps=4), train_dataset=lm_rows(32), callbacks=[DeltaLoRACallback()]
+            model=model,
+            args=train_args(tmp_path, max_steps=4),
+            train_dataset=lm_rows(32),
+            callbacks=[DeltaLoRACallback()],
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

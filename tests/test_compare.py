@@ -28,8 +28,14 @@ def tiny_setup(tmp_path_factory):
     (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+    )
     BertForSequenceClassification(config).save_pretrained(model_dir)
 
     rng = random.Random(0)
@@ -48,12 +54,40 @@ def tiny_setup(tmp_path_factory):
 def test_compare_end_to_end(tiny_setup, capsys):
     model_dir, data, root = tiny_setup
     out = root / "report"
-    code = compare.main([
-        "compare", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
-        "--steps", "8", "--start-step", "2", "--update-ratio", "1.0", "--batch-size", "8", "--max-length", "8",
-        "--train-size", "96", "--eval-size", "24", "--eval-every", "4", "--log-every", "2",
-        "--lr", "lora=5e-3", "deltalora=5e-3", "full=1e-3", "--no-isolate",
-    ])
+    code = compare.main(
+        [
+            "compare",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--steps",
+            "8",
+            "--start-step",
+            "2",
+            "--update-ratio",
+            "1.0",
+            "--batch-size",
+            "8",
+            "--max-length",
+            "8",
+            "--train-size",
+            "96",
+            "--eval-size",
+            "24",
+            "--eval-every",
+            "4",
+            "--log-every",
+            "2",
+            "--lr",
+            "lora=5e-3",
+            "deltalora=5e-3",
+            "full=1e-3",
+            "--no-isolate",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
 
@@ -98,8 +132,17 @@ def test_compare_end_to_end(tiny_setup, capsys):
 def test_compare_isolated_run_reports_own_peak_memory(tiny_setup):
     model_dir, data, root = tiny_setup
     settings = compare.CompareSettings(
-        model=str(model_dir), dataset=str(data), methods=["deltalora"], steps=4, start_step=1, batch_size=8,
-        max_length=8, train_size=40, eval_size=8, output_dir=str(root / "isolated"), log_every=1,
+        model=str(model_dir),
+        dataset=str(data),
+        methods=["deltalora"],
+        steps=4,
+        start_step=1,
+        batch_size=8,
+        max_length=8,
+        train_size=40,
+        eval_size=8,
+        output_dir=str(root / "isolated"),
+        log_every=1,
     )
     task = compare.load_task(settings)
     result = compare.run_isolated(settings, "deltalora", 0, str(model_dir), task)
@@ -123,13 +166,16 @@ def test_wordnet_parser_and_split(tmp_path):
     noun.write_text(
         "  1 This software and database is being provided to you, the LICENSEE, by  \n"
         "  2 Princeton University under the following license.  | not data\n"
-        "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived; \"an example\"  \n"
+        '00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived; "an example"  \n'
         "02084071 05 n 0b dog 0 domestic_dog 0 000 | a member of the genus Canis  \n"
         "09917593 18 n 02 child 0 kid 0 000 | a young person  \n"
     )
     rows = compare.parse_wordnet_nouns(noun)
-    assert rows == [("entity: that which is perceived", 0), ("dog: a member of the genus Canis", 2),
-                    ("child: a young person", 15)]
+    assert rows == [
+        ("entity: that which is perceived", 0),
+        ("dog: a member of the genus Canis", 2),
+        ("child: a young person", 15),
+    ]
     many = [(str(i), i % 3) for i in range(50)]
     train, evaluation = compare._split(many, 30, 10, seed=1)
     assert len(train) == 30 and len(evaluation) == 10 and not set(train) & set(evaluation)

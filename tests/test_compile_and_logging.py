@@ -20,7 +20,9 @@ STEPS = 12
 
 def _trainer(model, tmp_path, callbacks, **args):
     return SequentialTrainer(
-        model=model, args=train_args(tmp_path, max_steps=STEPS, **args), train_dataset=lm_rows(4 * STEPS),
+        model=model,
+        args=train_args(tmp_path, max_steps=STEPS, **args),
+        train_dataset=lm_rows(4 * STEPS),
         callbacks=callbacks,
     )
 
@@ -33,7 +35,9 @@ def test_compiled_training_has_one_graph_and_matches_eager(mode, tmp_path):
     torch._dynamo.reset()
     counters.clear()
     compiled = get_peft_model(tiny_llama(), delta_config(mode))
-    _trainer(compiled, tmp_path / "c", [DeltaLoRACallback()], torch_compile=True, torch_compile_backend="aot_eager").train()
+    _trainer(
+        compiled, tmp_path / "c", [DeltaLoRACallback()], torch_compile=True, torch_compile_backend="aot_eager"
+    ).train()
     graph_breaks = sum(counters["graph_break"].values())
     graphs = counters["stats"]["unique_graphs"]
     print(f"\n{mode}: {STEPS} compiled steps (K=2): {graph_breaks} graph breaks, {graphs} graph(s)")
@@ -70,8 +74,9 @@ def test_a_reporting_callback_registered_first_receives_the_metrics(tmp_path):
 
 def test_without_trainer_argument_the_metrics_reach_log_history(tmp_path):
     recorder = Recorder()
-    trainer = _trainer(get_peft_model(tiny_llama(), delta_config()), tmp_path, [recorder, DeltaLoRACallback()],
-                       logging_steps=4)
+    trainer = _trainer(
+        get_peft_model(tiny_llama(), delta_config()), tmp_path, [recorder, DeltaLoRACallback()], logging_steps=4
+    )
     trainer.train()
     history = [log for log in trainer.state.log_history if "learning_rate" in log]
     assert all(LOG_MOVE_NORM in log for log in history)

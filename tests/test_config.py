@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_llama
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from torch import nn
 
 import deltalora_hf
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig
+
+from .helpers import tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -97,9 +98,14 @@ def test_target_that_cannot_be_written_in_place_names_the_layer(layer):
 
 
 def test_callback_without_delta_lora_adapter_fails_at_trainer_creation(tmp_path):
-    from helpers import lm_rows, train_args
+    from .helpers import lm_rows, train_args
     from transformers import Trainer
 
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="no Delta-LoRA adapter"):
-        Trainer(model=lora, args=train_args(tmp_path, max_steps=1), train_dataset=lm_rows(4), callbacks=[DeltaLoRACallback()])
+        Trainer(
+            model=lora,
+            args=train_args(tmp_path, max_steps=1),
+            train_dataset=lm_rows(4),
+            callbacks=[DeltaLoRACallback()],
+        )

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
 from safetensors.torch import load_file
 
-SCRIPTS = Path(__file__).parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+from .helpers import tiny_llama
+
+REPO_ROOT = Path(__file__).parent.parent
 
 WORLD = 2
 STEPS, START_STEP, RATIO, SCALE = 6, 2, 0.5, 8 / 4  # as in the workers: lambda = 0.5, s = lora_alpha / r
@@ -33,11 +33,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def torchrun(script: str, *args: str, timeout: float = 150) -> None:
-    """Run ``tests/scripts/<script>`` on WORLD processes; fail with the job's output if it fails."""
+    """Run the module ``tests.scripts.<script>`` on WORLD processes; fail with the job's output if it fails."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m"]
+    module = f"tests.scripts.{script.removesuffix('.py')}"
     done = subprocess.run(
-        [*command, str(SCRIPTS / script), *args], env=env, capture_output=True, text=True, timeout=timeout
+        [*command, module, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
     )
     if done.returncode != 0:
         pytest.fail(f"{script} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
@@ -102,10 +104,19 @@ def assert_algorithm_1_moves(state: dict[str, torch.Tensor], *, inplace: bool) -
 
 
 def test_ddp_trainer_ranks_are_bit_identical_and_match_one_process_on_the_same_global_batches(tmp_path):
-    import ddp_trainer
+    from .scripts import ddp_trainer
 
-    torchrun("ddp_trainer.py", "--out", str(tmp_path / "ddp"), "--per-device", "2", "--steps", str(STEPS),
-             "--start-step", str(START_STEP))
+    torchrun(
+        "ddp_trainer.py",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--per-device",
+        "2",
+        "--steps",
+        str(STEPS),
+        "--start-step",
+        str(START_STEP),
+    )
     ranks = load_ranks(tmp_path / "ddp")
     assert_ranks_bit_identical(ranks)
 
@@ -125,13 +136,22 @@ def test_ddp_trainer_ranks_are_bit_identical_and_match_one_process_on_the_same_g
 def fsdp2_run(tmp_path_factory) -> Path:
     """One 2-rank FSDP2 job training both base-update modes in turn (one launch: the imports dominate)."""
     out = tmp_path_factory.mktemp("fsdp2")
-    torchrun("fsdp2_loop.py", "--out", str(out), "--modes", "inplace,factored", "--steps", str(STEPS),
-             "--start-step", str(START_STEP))
+    torchrun(
+        "fsdp2_loop.py",
+        "--out",
+        str(out),
+        "--modes",
+        "inplace,factored",
+        "--steps",
+        str(STEPS),
+        "--start-step",
+        str(START_STEP),
+    )
     return out
 
 
 def test_fsdp2_factored_mode_matches_one_process_and_never_writes_w(fsdp2_run):
-    import fsdp2_loop
+    from .scripts import fsdp2_loop
 
     ranks = load_ranks(fsdp2_run, "factored.")
     assert not list(fsdp2_run.glob("factored.rank*.error.json"))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SequentialTrainer, base_weights, lm_rows, tiny_llama, train_args
 from peft import PeftModel, get_peft_model
 from torch.utils.data import default_collate
 
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, export_lora
+
+from .helpers import SequentialTrainer, base_weights, lm_rows, tiny_llama, train_args
 
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 
@@ -21,7 +22,9 @@ def _model(mode, dtype=torch.float32, **kwargs):
 
 def _train(model, tmp_path, steps=12, **args):
     trainer = SequentialTrainer(
-        model=model, args=train_args(tmp_path, max_steps=steps, **args), train_dataset=lm_rows(steps * 4),
+        model=model,
+        args=train_args(tmp_path, max_steps=steps, **args),
+        train_dataset=lm_rows(steps * 4),
         callbacks=[DeltaLoRACallback()],
     )
     trainer.train()
@@ -53,8 +56,10 @@ def test_inplace_and_factored_train_identically_and_factored_never_writes_w(tmp_
     eff_i, eff_f = _effective_weights(inplace), _effective_weights(factored)
     weight_diff = max((eff_i[k] - eff_f[k]).abs().max().item() for k in eff_i)
     moved = max((eff_f[k] - w0[k]).abs().max().item() for k in eff_f)
-    print(f"\nin-place vs factored after 12 steps (K=2): max abs diff of merged weights {weight_diff:.2e}, "
-          f"logits {logit_diff:.2e}; max |W_eff - W_0| = {moved:.2e}")
+    print(
+        f"\nin-place vs factored after 12 steps (K=2): max abs diff of merged weights {weight_diff:.2e}, "
+        f"logits {logit_diff:.2e}; max |W_eff - W_0| = {moved:.2e}"
+    )
     assert weight_diff <= 1e-5 and logit_diff <= 1e-5 and moved > 1e-2
     merged_i, merged_f = inplace.merge_and_unload(), factored.merge_and_unload()
     for (n, p), (_, q) in zip(merged_i.named_parameters(), merged_f.named_parameters()):
@@ -95,7 +100,9 @@ def test_factored_save_load_export_merge_and_resume(tmp_path):
     _train(first, tmp_path / "resumed", steps=5, save_strategy="steps", save_steps=5)
     resumed = _model("factored")
     trainer = SequentialTrainer(
-        model=resumed, args=train_args(tmp_path / "resumed", max_steps=10), train_dataset=lm_rows(40),
+        model=resumed,
+        args=train_args(tmp_path / "resumed", max_steps=10),
+        train_dataset=lm_rows(40),
         callbacks=[DeltaLoRACallback()],
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-5"))
@@ -120,7 +127,9 @@ def _change_vs_fp32(mode, rounding, tmp_path):
 
 def test_bf16_base_in_factored_mode_tracks_a_float32_run(tmp_path):
     factored = _change_vs_fp32("factored", "stochastic", tmp_path / "f")
-    print(f"\nbf16 base, factored: change of the merged model vs a float32 run, relative Frobenius error {factored:.4f}")
+    print(
+        f"\nbf16 base, factored: change of the merged model vs a float32 run, relative Frobenius error {factored:.4f}"
+    )
     assert factored <= 0.01
 
 
@@ -128,7 +137,8 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 @pytest.mark.parametrize(
-    "quant", ["nf4", "fp4", "int8"],
+    "quant",
+    ["nf4", "fp4", "int8"],
 )
 def test_quantized_bases_train_in_factored_mode_and_refuse_inplace(quant, tmp_path):
     from peft import prepare_model_for_kbit_training
@@ -149,8 +159,14 @@ def test_quantized_bases_train_in_factored_mode_and_refuse_inplace(quant, tmp_pa
         get_peft_model(load(), DeltaLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     model = get_peft_model(
         load(),
-        DeltaLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], update_ratio=0.5, start_step=2,
-                        base_update="factored"),
+        DeltaLoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            update_ratio=0.5,
+            start_step=2,
+            base_update="factored",
+        ),
     )
     # Logits in train mode: bitsandbytes' CPU backend repacks 4-bit weights on the first eval-mode forward, after
     # which training gets no gradient (plain PEFT LoRA fails the same way), so eval mode comes only after training.

@@ -132,7 +132,9 @@ def test_a_second_run_keeps_w_in_step(mode, how, tmp_path):
     model = trained(tmp_path, mode, steps=6)
     if how == "train-again":
         trainer = SequentialTrainer(
-            model=model, args=train_args(tmp_path / "again", max_steps=2), train_dataset=lm_rows(8, seed=3),
+            model=model,
+            args=train_args(tmp_path / "again", max_steps=2),
+            train_dataset=lm_rows(8, seed=3),
             callbacks=[DeltaLoRACallback()],
         )
         trainer.train()

@@ -53,7 +53,10 @@ class InPlaceModelMachine(RuleBasedStateMachine):
         first, *others = self.names
         active = self.active
         model = PeftModel.from_pretrained(
-            tiny_llama(), out if first == "default" else out / first, adapter_name=first, is_trainable=True,
+            tiny_llama(),
+            out if first == "default" else out / first,
+            adapter_name=first,
+            is_trainable=True,
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
         for name in others:

@@ -9,7 +9,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers import (
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.utils.data import default_collate
+
+from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, export_lora
+
+from .helpers import (
     SequentialTrainer,
     base_weights,
     cls_rows,
@@ -18,11 +24,6 @@ from helpers import (
     tiny_llama,
     train_args,
 )
-from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
-from torch.utils.data import default_collate
-
-from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, export_lora
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -35,7 +36,10 @@ def _config(**kwargs):
 
 def _train(model, tmp_path, steps, rows, **args):
     trainer = SequentialTrainer(
-        model=model, args=train_args(tmp_path, max_steps=steps, **args), train_dataset=rows, callbacks=[DeltaLoRACallback()]
+        model=model,
+        args=train_args(tmp_path, max_steps=steps, **args),
+        train_dataset=rows,
+        callbacks=[DeltaLoRACallback()],
     )
     trainer.train()
     return trainer
@@ -161,7 +165,8 @@ def test_export_loads_with_plain_peft_in_a_process_without_deltalora(tmp_path):
     export_lora(model, tmp_path / "export")
     rows = lm_rows(4, seed=5)
     save_file(
-        {"input_ids": default_collate(rows)["input_ids"], "logits": _logits(model, rows)}, str(tmp_path / "io.safetensors")
+        {"input_ids": default_collate(rows)["input_ids"], "logits": _logits(model, rows)},
+        str(tmp_path / "io.safetensors"),
     )
     script = textwrap.dedent(
         f"""
@@ -170,7 +175,8 @@ def test_export_loads_with_plain_peft_in_a_process_without_deltalora(tmp_path):
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
         io = load_file({str(tmp_path / "io.safetensors")!r})
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r}), {str(tmp_path / "export")!r})
+        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "export")!r})
         model.eval()
         with torch.no_grad():
             diff = (model(input_ids=io["input_ids"]).logits - io["logits"]).abs().max().item()
@@ -181,7 +187,9 @@ def test_export_loads_with_plain_peft_in_a_process_without_deltalora(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     peft_type, rank, diff = out.stdout.split()[-3:]
-    print(f"\nexported LoRA in a plain-PEFT process: type {peft_type}, rank {rank}, max abs logit diff {float(diff):.2e}")
+    print(
+        f"\nexported LoRA in a plain-PEFT process: type {peft_type}, rank {rank}, max abs logit diff {float(diff):.2e}"
+    )
     assert peft_type == "LORA" and int(rank) == 8 and float(diff) <= 1e-5
     a = load_file(str(tmp_path / "export" / "adapter_model.safetensors"))
     assert {t.shape[0] for k, t in a.items() if "lora_A" in k} == {8}
@@ -195,8 +203,10 @@ def test_adapter_is_about_twice_a_lora_adapter(tmp_path):
     lora.save_pretrained(tmp_path / "lora")
     sizes = {n: os.path.getsize(tmp_path / n / "adapter_model.safetensors") for n in ("delta", "lora")}
     full = sum(p.numel() * p.element_size() for p in tiny_llama().parameters())
-    print(f"\nadapter sizes: Delta-LoRA {sizes['delta']} B, LoRA {sizes['lora']} B "
-          f"(ratio {sizes['delta'] / sizes['lora']:.2f}); full model {full} B")
+    print(
+        f"\nadapter sizes: Delta-LoRA {sizes['delta']} B, LoRA {sizes['lora']} B "
+        f"(ratio {sizes['delta'] / sizes['lora']:.2f}); full model {full} B"
+    )
     assert 1.8 <= sizes["delta"] / sizes["lora"] <= 2.3
 
 
@@ -206,8 +216,16 @@ def test_loading_into_a_base_with_other_shapes_fails_clearly_and_changes_nothing
     model.save_pretrained(tmp_path / "adapter")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     w_other = {n: p.clone() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match="other shapes"):
         PeftModel.from_pretrained(other, tmp_path / "adapter")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import base_weights, tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, DeltaLoraLayer
+
+from .helpers import base_weights, tiny_llama
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

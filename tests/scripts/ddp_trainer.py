@@ -1,6 +1,7 @@
 """Trainer + DeltaLoRACallback on a tiny Llama under DDP (gloo, CPU).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_trainer.py --out DIR --per-device 2
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.scripts.ddp_trainer \
+        --out DIR --per-device 2
 
 The Trainer feeds rows in dataset order (``SequentialTrainer``); accelerate gives rank r the r-th of every
 ``world`` consecutive per-device batches, so 2 ranks x 2 rows see the same global batches as one process with
@@ -13,13 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 
-import _common  # noqa: F401  (sys.path, offline mode)
 import torch
-from _common import trained_state
-from helpers import SequentialTrainer, lm_rows, tiny_llama, train_args
 from peft import get_peft_model
 
 from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig
+from tests.helpers import SequentialTrainer, lm_rows, tiny_llama, train_args
+from tests.scripts import _common  # noqa: F401  (offline mode)
+from tests.scripts._common import trained_state
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -1,6 +1,7 @@
 """Plain training loop with DeltaLoraUpdater, under FSDP2 (``fully_shard``) or in one process as the reference.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 fsdp2_loop.py --out DIR --modes inplace,factored
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.scripts.fsdp2_loop \
+        --out DIR --modes inplace,factored
 
 Every global batch is ``GLOBAL_BATCH`` consecutive rows; under FSDP2 rank r trains on its r-th slice of it, so
 the averaged gradient equals that of one process training on the whole batch (:func:`train` with
@@ -16,15 +17,15 @@ import json
 import os
 import traceback
 
-import _common  # noqa: F401  (sys.path, offline mode)
 import torch
 import torch.distributed as dist
-from _common import trained_state
-from helpers import lm_rows, tiny_llama
 from peft import get_peft_model
 from torch.utils.data import default_collate
 
 from deltalora_hf import DeltaLoraConfig, DeltaLoraUpdater
+from tests.helpers import lm_rows, tiny_llama
+from tests.scripts import _common  # noqa: F401  (offline mode)
+from tests.scripts._common import trained_state
 
 GLOBAL_BATCH = 4
 TARGETS = ["q_proj", "v_proj"]
