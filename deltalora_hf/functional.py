@@ -24,8 +24,8 @@ exact, so the accumulated change of W is unbiased.
 The factored mode adds the move to the output instead of W. With ``g = 1`` once anchored (0 before), a LoRA
 layer plus the move is ``s (1 + lambda g) B A x - lambda s B_K A_K x``: one ``B A x``. Its gradients for A and B
 must stay LoRA's (``s`` times), as in the paper where only the LoRA product is trained, while x must get the
-whole layer's gradient: :func:`scale_grad` scales the gradient reaching A and B by ``1 / (1 + lambda g)`` and
-leaves the values untouched.
+whole layer's gradient: :func:`scale_grad` (identity forward, scaled gradient) divides the gradient reaching
+``B A x`` by ``1 + lambda g`` and multiplies the one leaving it towards x by the same factor.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class _ScaleGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
+        scale = ctx.scale
+        return grad * (scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale), None
 
 
 def scale_grad(t: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

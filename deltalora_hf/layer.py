@@ -423,16 +423,24 @@ class DeltaLoraLayer:
             out = out + scale * (self._factor_path(x, a, b) - self._factor_path(x, a_k, b_k))
         return out
 
+    def _lora_path(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """``B A x`` with the adapter's current factors, through its own modules (so ZeRO-3 gathers them)."""
+        return self.lora_B[adapter](self.lora_A[adapter](self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)))
+
     def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        """What adapter ``adapter`` adds to the base output: ``s B A x``, plus the move in factored mode."""
-        a, b = self.lora_factors(adapter)
+        """What adapter ``adapter`` adds to the base output: ``s B A x``, plus the move in factored mode.
+
+        Factored: ``(1 + lambda g) s B A x - lambda s B_K A_K x`` with one ``B A x``. The gradient reaching ``B A x``
+        is scaled by ``1 / (1 + lambda g)`` and the one leaving it towards x by ``1 + lambda g``, so A and B get
+        LoRA's gradients and x the whole layer's.
+        """
         s = self.scaling[adapter]
         if not self._factored(adapter):
-            return s * self._factor_path(x, a, b)
-        grow = 1.0 + self.delta_update_ratio[adapter] * self.lora_anchored[adapter].to(a.dtype)
-        y = self._factor_path(x, scale_grad(a, 1.0 / grow), scale_grad(b, 1.0 / grow))
+            return s * self._lora_path(adapter, x)
+        grow = 1.0 + self.delta_update_ratio[adapter] * self.lora_anchored[adapter].to(torch.float32)
+        y = scale_grad(self._lora_path(adapter, scale_grad(x, grow)), 1.0 / grow)
         anchor = self._factor_path(x, self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
-        return (s * grow) * y - self.move_scale(adapter) * anchor
+        return (s * grow).to(y.dtype) * y - self.move_scale(adapter) * anchor
 
     def _warn_if_not_driven(self) -> None:
         if self.delta_driven or self._delta_warned or not self.training or not torch.is_grad_enabled():
@@ -488,6 +496,9 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
     @property
     def weight_is_transposed(self) -> bool:
         return True
+
+    def _lora_path(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        return self._factor_path(x, *self.lora_factors(adapter))
 
     def _factor_path(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = self._embed(x, a.T) @ b.T
