@@ -393,13 +393,12 @@ def main() -> None:
         peak = mib(memory[v]["peak_rss"]) if memory else "not measured"
         if memory and v != "lora":
             peak += f" ({(memory[v]['peak_rss'] - memory['lora']['peak_rss']) / 2**20:+,.1f} MiB vs LoRA)"
-        target = "≤ 3×" if v == "deltalora" else ("≤ 1×" if v == "factored" else "")
+        target = "≤ 2×" if v == "deltalora" else ("≤ 1×" if v == "factored" else "")
         lines.append(f"| {TITLES[v]} | {mib(state[v])} | {state[v] / adapter:.2f} | {target} | {peak} |")
     lines += [
         "",
-        "In place, Delta-LoRA keeps the anchors (A_K, B_K) and the applied record (the factors and anchors whose "
-        "move W holds: what the next update starts from, and what lets any path restore W): 3× the adapter; "
-        "factored mode keeps only the anchors (1×); "
+        "In place, Delta-LoRA keeps the anchors (A_K, B_K) and a copy of the factors whose move W holds (what "
+        "the next update starts from): 2× the adapter; factored mode keeps only the anchors (1×); "
         "the naive variant keeps one dense s·B·A per layer, i.e. a second copy of every targeted weight.",
         "",
         "## One W update of all targeted layers vs the same-size `W.add_(X)`",

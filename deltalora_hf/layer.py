@@ -5,8 +5,9 @@ Per adapter (dropout is forced off by the config) a layer keeps:
 * ``lora_anchor_A`` / ``lora_anchor_B`` and the flag ``lora_anchored`` (saved with the adapter): the factors
   ``(A_K, B_K)`` when W started to move. The W updates telescope, so an anchored adapter's whole change of W is
   its *move* ``lambda * s * (B A - B_K A_K)``.
-* in ``"inplace"`` mode, the *applied record* ``lora_applied_*`` (not saved): the factors and anchors whose move
-  W holds right now.
+* in ``"inplace"`` mode, the *applied record* (not saved): ``lora_applied_A`` / ``lora_applied_B``, copies of the
+  factors whose move W holds right now (what the next update starts from: the factor cache of Algorithm 1), and
+  references to the anchor tensors that move was taken with.
 
 **The invariant** (in-place mode), for every layer at every point where W is used::
 
@@ -93,13 +94,12 @@ class DeltaLoraLayer:
         "lora_anchored",
         "lora_applied_A",
         "lora_applied_B",
-        "lora_applied_anchor_A",
-        "lora_applied_anchor_B",
         "delta_update_ratio",
         "delta_base_update",
         "delta_start_step",
         "delta_rounding",
         "delta_applied_scale",
+        "delta_applied_anchors",
     )
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -112,13 +112,13 @@ class DeltaLoraLayer:
         self.lora_anchored = BufferDict(persistent=True)
         self.lora_applied_A = BufferDict(persistent=False)
         self.lora_applied_B = BufferDict(persistent=False)
-        self.lora_applied_anchor_A = BufferDict(persistent=False)
-        self.lora_applied_anchor_B = BufferDict(persistent=False)
         self.delta_update_ratio: dict[str, float] = {}
         self.delta_base_update: dict[str, BaseUpdate] = {}
         self.delta_start_step: dict[str, int] = {}
         self.delta_rounding: dict[str, Rounding] = {}
         self.delta_applied_scale: dict[str, float] = {}
+        # the anchor tensors of the applied move: references to the live anchors, not copies (see _snapshot_anchors)
+        self.delta_applied_anchors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._delta_seen: tuple | None = None  # what the last sync saw; see _is_synced
         self._anchored_cache: dict[str, tuple[weakref.ref, bool]] = {}
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
@@ -241,25 +241,22 @@ class DeltaLoraLayer:
     def _applied_record(self, adapter: str) -> tuple[torch.Tensor, ...] | None:
         if adapter not in self.lora_applied_A:
             return None
-        return (
-            self.lora_applied_A[adapter],
-            self.lora_applied_B[adapter],
-            self.lora_applied_anchor_A[adapter],
-            self.lora_applied_anchor_B[adapter],
-        )
+        return (self.lora_applied_A[adapter], self.lora_applied_B[adapter], *self.delta_applied_anchors[adapter])
 
-    def _same_anchors(self, adapter: str, record: tuple[torch.Tensor, ...], full: bool) -> bool:
-        seen = self._delta_seen
-        anchors = (self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
-        if not full and seen is not None and all(any(ref() is t for ref in seen[2]) for t in anchors):
-            return True  # the anchor tensors the last sync saw: unchanged (see _tracked)
-        return torch.equal(record[2], anchors[0]) and torch.equal(record[3], anchors[1])
+    def _same_anchors(self, adapter: str, record: tuple[torch.Tensor, ...]) -> bool:
+        """Whether the applied move was taken with the current anchors.
 
-    def plan_base_moves(self, *, full: bool = False, applied: Iterable[str] | None = None) -> list[BaseMove]:
-        """The moves that bring W to the invariant (for the adapters in ``applied``, default: applied_adapters()).
-
-        ``full`` compares the anchors by content even when their tensors are the ones the last sync saw.
+        The record holds the anchor tensors themselves. They are written in place only by ``load_state_dict``
+        (which snapshots the record first, see :meth:`_snapshot_anchors`) and by DDP's buffer broadcast (same
+        values); a loader that assigns new tensors leaves the old ones here, so their values can be compared.
         """
+        anchors = (self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
+        if record[2] is anchors[0] and record[3] is anchors[1]:
+            return True
+        return all(torch.equal(old.to(new), new) for old, new in zip(record[2:], anchors))
+
+    def plan_base_moves(self, *, applied: Iterable[str] | None = None) -> list[BaseMove]:
+        """The moves that bring W to the invariant (for the adapters in ``applied``, default: applied_adapters())."""
         target = list(self.applied_adapters() if applied is None else applied)
         moves: list[BaseMove] = []
         for adapter in dict.fromkeys([*self.lora_applied_A.keys(), *target]):
@@ -270,7 +267,7 @@ class DeltaLoraLayer:
                 scale = self.move_scale(adapter)
                 new = (a, b, a_k, b_k)
                 if record is not None and self.delta_applied_scale[adapter] == scale:
-                    if self._same_anchors(adapter, record, full):
+                    if self._same_anchors(adapter, record):
                         moves.append(self._move(adapter, a, b, record[0], record[1], scale, new, incremental=True))
                         continue
                 if record is not None:  # other anchors or scale: take the old move out, then put the new one in
@@ -319,14 +316,16 @@ class DeltaLoraLayer:
         return written
 
     def _set_record(self, adapter: str, record: tuple[torch.Tensor, ...] | None, scale: float) -> None:
-        stores = (self.lora_applied_A, self.lora_applied_B, self.lora_applied_anchor_A, self.lora_applied_anchor_B)
+        stores = (self.lora_applied_A, self.lora_applied_B)
         if record is None:
             for store in stores:
                 if adapter in store:
                     del store[adapter]
             self.delta_applied_scale.pop(adapter, None)
+            self.delta_applied_anchors.pop(adapter, None)
             return
-        for store, value in zip(stores, record):
+        self.delta_applied_anchors[adapter] = (record[2], record[3])
+        for store, value in zip(stores, record[:2]):
             old = store[adapter] if adapter in store else None
             if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
                 old.copy_(value)
@@ -334,12 +333,12 @@ class DeltaLoraLayer:
                 store[adapter] = value.detach().clone()
         self.delta_applied_scale[adapter] = scale
 
-    def sync_base_weight(self, *, full: bool = True, applied: Iterable[str] | None = None, generator=None) -> int:
+    def sync_base_weight(self, *, applied: Iterable[str] | None = None, generator=None) -> int:
         """Bring W to the invariant (for ``applied`` adapters, default: applied_adapters()); return W writes."""
         if not hasattr(self, "lora_anchored"):
             return 0
         with torch.no_grad(), torch.inference_mode(False):
-            moves = self.plan_base_moves(full=full, applied=applied)
+            moves = self.plan_base_moves(applied=applied)
             squares = torch.stack([m.square for m in moves]).tolist() if moves else []
             written = sum(self.apply_base_move(m, sq, generator=generator) for m, sq in zip(moves, squares))
         self._record_synced()
@@ -349,7 +348,7 @@ class DeltaLoraLayer:
         if not self.lora_applied_A and not any(self._moves_w(a) for a in self.delta_base_update):
             return  # no in-place adapter: W is the original base weight
         if not self._is_synced():
-            self.sync_base_weight(full=False)
+            self.sync_base_weight()
 
     # -- entry points ---------------------------------------------------------------------------------------------
 
@@ -360,6 +359,12 @@ class DeltaLoraLayer:
     @staticmethod
     def _note_loaded_keys(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
         module._loads_base_weight = f"{prefix}base_layer.weight" in state_dict
+        module._snapshot_anchors()
+
+    def _snapshot_anchors(self) -> None:
+        """Copy the applied record's anchors before a load may overwrite the live anchor tensors in place."""
+        for adapter, anchors in self.delta_applied_anchors.items():
+            self.delta_applied_anchors[adapter] = tuple(t.detach().clone() for t in anchors)
 
     @staticmethod
     def _sync_after_load(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
@@ -377,7 +382,7 @@ class DeltaLoraLayer:
             module._record_synced()
             return
         module._anchored_cache.clear()
-        module.sync_base_weight(full=True)
+        module.sync_base_weight()
 
     def set_adapter(self, adapter_names: str | list[str], *args: Any, **kwargs: Any) -> None:
         super().set_adapter(adapter_names, *args, **kwargs)

@@ -95,7 +95,7 @@ class DeltaLoraUpdater:
 
     def sync(self) -> int:
         """Bring every layer to its invariant (see :mod:`deltalora_hf.layer`); return the number of W writes."""
-        return sum(layer.sync_base_weight(full=True, generator=self._generator(layer)) for layer in self.layers())
+        return sum(layer.sync_base_weight(generator=self._generator(layer)) for layer in self.layers())
 
     def step(self, step: int | None = None) -> UpdateStats:
         """Anchor where due, then move W for the optimizer step that was just taken.

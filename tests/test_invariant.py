@@ -232,3 +232,18 @@ def test_plain_trainer_without_callback_warns(tmp_path):
     model = get_peft_model(tiny_llama(), delta_config())
     with pytest.warns(UserWarning, match="no DeltaLoRACallback"):
         Trainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=lm_rows(4)).train()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dtype_conversion_and_deepcopy_keep_w_in_step(mode, tmp_path):
+    import copy
+
+    model = trained(tmp_path, mode)
+    tensors = adapter_tensors(model)
+    twin = copy.deepcopy(model)  # what TRL does to build a reference model
+    assert_close(logits(twin), reference_logits(tensors))
+    model.double()  # every tensor replaced: W, factors, anchors and the applied record
+    assert_close(logits(model), reference_logits(tensors))
+    model.float()
+    train(model, tmp_path / "after", steps=2, seed=3)  # and it keeps training right
+    assert_close(logits(model), reference_logits(adapter_tensors(model)))
