@@ -26,9 +26,10 @@ import tempfile
 import textwrap
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 METHODS = ("lora", "deltalora", "full")
 METHOD_TITLES = {"lora": "LoRA (PEFT)", "deltalora": "Delta-LoRA", "full": "Full fine-tuning"}

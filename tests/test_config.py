@@ -98,8 +98,9 @@ def test_target_that_cannot_be_written_in_place_names_the_layer(layer):
 
 
 def test_callback_without_delta_lora_adapter_fails_at_trainer_creation(tmp_path):
-    from .helpers import lm_rows, train_args
     from transformers import Trainer
+
+    from .helpers import lm_rows, train_args
 
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="no Delta-LoRA adapter"):
