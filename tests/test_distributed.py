@@ -27,9 +27,12 @@ STEPS, START_STEP, RATIO, SCALE = 6, 2, 0.5, 8 / 4  # as in the workers: lambda 
 TOLERANCE = 1e-5
 TARGET_SUFFIXES = (".self_attn.q_proj", ".self_attn.v_proj")
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+    ),
+]
 
 
 def torchrun(script: str, *args: str, timeout: float = 150) -> None:

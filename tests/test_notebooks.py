@@ -119,6 +119,7 @@ def run_notebook(name: str, workdir: Path, kernel_name: str, **parameters) -> st
     return "\n".join(texts)
 
 
+@pytest.mark.slow
 def test_quickstart_glue_smoke(tmp_path, kernel):
     out = tmp_path / "out"
     log = run_notebook("quickstart_glue.ipynb", tmp_path, kernel, OUTPUT_DIR=str(out))
@@ -131,6 +132,7 @@ def test_quickstart_glue_smoke(tmp_path, kernel):
     assert config["peft_type"] == "DELTALORA"
 
 
+@pytest.mark.slow
 def test_instruction_tuning_causal_lm_smoke(tmp_path, kernel):
     out = tmp_path / "out"
     log = run_notebook("instruction_tuning_causal_lm.ipynb", tmp_path, kernel, OUTPUT_DIR=str(out))
