@@ -30,6 +30,7 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import _distributed
 from .functional import add_low_rank_, delta_factors
 
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.Embedding)
@@ -99,8 +100,9 @@ class DeltaLoraLayer:
 
     def set_anchor(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Record ``(A_K, B_K)``: the factors at the moment W starts to move."""
-        self.lora_anchor_A[adapter_name].copy_(full_tensor(a))
-        self.lora_anchor_B[adapter_name].copy_(full_tensor(b))
+        with _distributed.gathered(a, b) as (a_full, b_full):
+            self.lora_anchor_A[adapter_name].copy_(a_full)
+            self.lora_anchor_B[adapter_name].copy_(b_full)
         self.lora_anchored[adapter_name].fill_(True)
 
     def move_scale(self, adapter_name: str) -> float:
@@ -156,7 +158,7 @@ class DeltaLoraLayer:
         """
         out: torch.Tensor | float = 0.0
         for adapter in adapters:
-            a, b = (f.detach() for f in self.lora_factors(adapter))
+            a, b = (f.detach() for f in _distributed.used_in_forward(self, *self.lora_factors(adapter)))
             a_k, b_k = self.lora_anchor_A[adapter], self.lora_anchor_B[adapter]
             out = out + self.move_scale(adapter) * (self._factor_path(x, a, b) - self._factor_path(x, a_k, b_k))
         return out

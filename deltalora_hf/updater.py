@@ -24,8 +24,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import _distributed
 from .config import DeltaLoraConfig
-from .functional import add_low_rank_, delta_factors, low_rank_frobenius_sq
+from .functional import delta_factors, low_rank_frobenius_sq
 from .layer import DeltaLoraLayer
 from .model import DeltaLoraModel
 
@@ -38,15 +39,6 @@ class UpdateStats:
     layers_moved: int = 0  # layers whose (effective) W moved at this step, both modes
     update_norm: float = 0.0  # Frobenius norm of this step's in-place W update over all layers (0 in factored mode)
     layers_skipped_nonfinite: int = 0
-
-
-def _refuse_zero3(layer: DeltaLoraLayer, adapter: str) -> None:
-    """DeepSpeed ZeRO-3 partitions every parameter (``ds_id``); neither W nor the factors are whole here."""
-    if any(hasattr(t, "ds_id") for t in (layer.get_base_layer().weight, *layer.lora_factors(adapter))):
-        raise RuntimeError(
-            "Delta-LoRA does not support DeepSpeed ZeRO-3 (parameters are partitioned across ranks). Use ZeRO-2 or "
-            "DDP, or torch FSDP2 with DeltaLoraConfig(base_update='factored')."
-        )
 
 
 def find_delta_lora_model(model: nn.Module) -> DeltaLoraModel:
@@ -101,8 +93,9 @@ class DeltaLoraUpdater:
     def snapshot(self) -> None:
         """Cache the current factors as "before the next step" (done at construction and at train start)."""
         with torch.no_grad():
-            for layer, adapter, _ in self.targets():
-                _refuse_zero3(layer, adapter)
+            for layer, adapter, config in self.targets():
+                if config.base_update == "inplace":
+                    _distributed.check_writable_in_place(layer.get_base_layer().weight, f"a layer of adapter '{adapter}'")
                 self._store(layer, adapter)
 
     def step(self, step: int | None = None) -> UpdateStats:
@@ -141,7 +134,7 @@ class DeltaLoraUpdater:
         with torch.no_grad():
             for layer, adapter, _ in self.targets():
                 if layer.is_anchored(adapter):
-                    a, b = layer.lora_factors(adapter)
+                    a, b = _distributed.full_values(*layer.lora_factors(adapter))
                     u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
                     total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
         return math.sqrt(total)
@@ -154,13 +147,8 @@ class DeltaLoraUpdater:
         # below rather than kept, so that no more than one layer's (U, V) is alive at a time.
         squares = []
         for layer, adapter, config, a_old, b_old in pending:
-            weight = layer.get_base_layer().weight
-            if type(weight.data) is not torch.Tensor:  # DTensor (FSDP2), quantized or other tensor subclass
-                raise RuntimeError(
-                    f"Delta-LoRA cannot update a {type(weight.data).__name__} base weight in place (sharded by "
-                    "FSDP/ZeRO-3, or quantized). Use DeltaLoraConfig(base_update='factored'), which never writes W."
-                )
-            a, b = layer.lora_factors(adapter)
+            _distributed.check_writable_in_place(layer.get_base_layer().weight, f"a layer of adapter '{adapter}'")
+            a, b = _distributed.full_values(*layer.lora_factors(adapter))
             squares.append(low_rank_frobenius_sq(*delta_factors(a, b, a_old, b_old)) * layer.move_scale(adapter) ** 2)
         moved, skipped, norm_sq = 0, 0, 0.0
         for (layer, adapter, config, a_old, b_old), sq in zip(pending, torch.stack(squares).tolist()):
@@ -176,11 +164,11 @@ class DeltaLoraUpdater:
                 continue
             if layer.merged:
                 raise RuntimeError("Delta-LoRA cannot update a merged adapter; call model.unmerge_adapter() first.")
-            a, b = layer.lora_factors(adapter)
+            a, b = _distributed.full_values(*layer.lora_factors(adapter))
             if not layer.is_anchored(adapter):  # attached after the start step: W starts moving from here
                 layer.set_anchor(adapter, a_old, b_old)
             weight = layer.get_base_layer().weight
-            add_low_rank_(
+            _distributed.add_low_rank_(
                 weight,
                 *delta_factors(a, b, a_old, b_old),
                 layer.move_scale(adapter),
@@ -199,7 +187,7 @@ class DeltaLoraUpdater:
         return any(self.next_step - 1 > config.start_step for _, _, config in self.targets())
 
     def _store(self, layer: DeltaLoraLayer, adapter: str) -> None:
-        a, b = layer.lora_factors(adapter)
+        a, b = _distributed.full_values(*layer.lora_factors(adapter))
         cached = self._cache.get((id(layer), adapter))
         if cached is None or cached[0].shape != a.shape or cached[0].dtype != a.dtype:
             self._cache[(id(layer), adapter)] = (a.detach().clone(), b.detach().clone())
