@@ -92,6 +92,12 @@ def used_in_forward(module: torch.nn.Module, *params: torch.Tensor) -> tuple[tor
     return params
 
 
+def is_main_process() -> bool:
+    """Rank 0 of an initialized ``torch.distributed`` job, or a process that is not part of one."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
+
+
 def check_writable_in_place(weight: torch.Tensor, name: str) -> None:
     """Raise a ``RuntimeError`` unless :func:`add_low_rank_` can update ``weight`` in place.
 
@@ -122,7 +128,7 @@ def _zero3_layout_problem(weight: torch.Tensor) -> str | None:
         return "its partition lives on NVMe (offload_param to nvme)"
     if hasattr(part, "ds_quant_scale"):
         return "its partition is quantized (zero_quantized_nontrainable_weights)"
-    if weight.dim() != 2 or not weight.dtype.is_floating_point:
+    if len(weight.ds_shape) != 2 or not weight.dtype.is_floating_point:
         return f"it is not a 2-D floating-point matrix ({tuple(weight.ds_shape)}, {weight.dtype})"
     return None
 

@@ -95,7 +95,9 @@ class DeltaLoraUpdater:
         with torch.no_grad():
             for layer, adapter, config in self.targets():
                 if config.base_update == "inplace":
-                    _distributed.check_writable_in_place(layer.get_base_layer().weight, f"a layer of adapter '{adapter}'")
+                    _distributed.check_writable_in_place(
+                        layer.get_base_layer().weight, f"a layer of adapter '{adapter}'"
+                    )
                 self._store(layer, adapter)
 
     def step(self, step: int | None = None) -> UpdateStats:
