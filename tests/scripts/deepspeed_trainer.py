@@ -122,10 +122,16 @@ def train(
     extra = {}
     if stage is not None:
         start_deepspeed_on_cpu()
-        extra = {"deepspeed": ds_config(stage, offload), "use_cpu": False, "accelerator_config": {"use_configured_state": True}}
+        extra = {
+            "deepspeed": ds_config(stage, offload),
+            "use_cpu": False,
+            "accelerator_config": {"use_configured_state": True},
+        }
     trainer = SequentialTrainer(
         model=model,
-        args=train_args(os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device, **extra),
+        args=train_args(
+            os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device, **extra
+        ),
         train_dataset=lm_rows(64),
         callbacks=callbacks,
     )

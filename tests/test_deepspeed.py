@@ -1,0 +1,175 @@
+"""Delta-LoRA under DeepSpeed ZeRO 1/2/3 with Trainer, on 2 CPU processes (``DS_ACCELERATOR=cpu``, gloo).
+
+One ``torch.distributed.run`` launch of ``tests/scripts/deepspeed_trainer.py`` trains every configuration in turn
+(the imports dominate the cost); each rank writes its whole (gathered) state. The tests check that the ranks agree
+bit for bit, that they match an independent single-process Trainer run without DeepSpeed on the same global batches,
+that W moved as Algorithm 1 says (in place) or not at all (factored), and, for ZeRO-3, that the parameters really
+were partitioned, that ``trainer.save_model()`` reloads with ``PeftModel.from_pretrained`` on a fresh base, and that
+the plain rank-2r LoRA written by ``export_lora`` inside the job reproduces the trained model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_llama
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_distributed import (
+    RATIO,
+    SCALE,
+    TOLERANCE,
+    WORLD,
+    assert_algorithm_1_moves,
+    assert_ranks_bit_identical,
+    initial_weights,
+    max_difference,
+    targeted,
+)
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(SCRIPTS))
+
+STEPS, START_STEP = 6, 2  # as in test_distributed: lambda = 0.5, s = 2, W moves on steps 3..5
+ZERO12 = ["zero1-inplace", "zero2-inplace", "zero2-factored"]
+ZERO3 = ["zero3-factored", "zero3-inplace", "zero3-factored-offload"]
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="DeepSpeed's CPU accelerator runs on Linux only"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e '.[test]')"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory) -> Path:
+    """All configurations, trained in one 2-process launch."""
+    out = tmp_path_factory.mktemp("deepspeed")
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),  # this checkout's deltalora_hf
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    runs = ",".join(ZERO12 + ZERO3)
+    args = [
+        "--out",
+        str(out),
+        "--runs",
+        runs,
+        "--per-device",
+        "2",
+        "--steps",
+        str(STEPS),
+        "--start-step",
+        str(START_STEP),
+    ]
+    done = subprocess.run(
+        [*command, str(SCRIPTS / "deepspeed_trainer.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"deepspeed_trainer.py failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """One process, no DeepSpeed, 4 rows per step (= 2 ranks x 2 rows), per base-update mode."""
+    import deepspeed_trainer
+
+    out = tmp_path_factory.mktemp("single")
+    return {
+        mode: deepspeed_trainer.train(
+            str(out / mode), stage=None, mode=mode, per_device=2 * WORLD, steps=STEPS, start_step=START_STEP
+        )[1]
+        for mode in ("inplace", "factored")
+    }
+
+
+def load_run(directory: Path, run: str) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    states = [load_file(directory / f"{run}.rank{r}.safetensors") for r in range(WORLD)]
+    reports = [json.loads((directory / f"{run}.rank{r}.json").read_text()) for r in range(WORLD)]
+    return states, reports
+
+
+def check_run(directory: Path, run: str, reference: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Ranks bit-identical, equal to one process, W moved as Algorithm 1 says; returns rank 0's state."""
+    states, _ = load_run(directory, run)
+    assert_ranks_bit_identical(states)
+    mode = run.split("-")[1]
+    difference = max_difference(states[0], reference[mode])
+    print(f"\n{run}: ranks bit-identical; vs one process max |difference| {difference:.2e}")
+    assert difference <= TOLERANCE
+    moved = assert_algorithm_1_moves(states[0], inplace=mode == "inplace")
+    assert (moved > 1e-4) == (mode == "inplace")
+    return states[0]
+
+
+@pytest.mark.parametrize("run", ZERO12)
+def test_zero1_and_zero2_match_one_process(deepspeed_runs, reference, run):
+    check_run(deepspeed_runs, run, reference)
+
+
+@pytest.mark.parametrize("run", ZERO3)
+def test_zero3_partitions_everything_and_matches_one_process(deepspeed_runs, reference, run):
+    state = check_run(deepspeed_runs, run, reference)
+    _, reports = load_run(deepspeed_runs, run)
+    for report in reports:  # the factors and the base weights were split across the ranks, not kept whole
+        partitioned = set(report["partitioned"])
+        for prefix in targeted(state):
+            name = prefix.removeprefix("base_model.model.")
+            wanted = {f"base_model.model.{name}.{p}" for p in ("base_layer.weight", "lora_A.default.weight")}
+            assert wanted <= partitioned, sorted(wanted - partitioned)
+
+
+def effective_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained model as a plain Llama state dict, from a trained state (independent of PEFT's merging):
+    W_0 + s B A + lambda s (B A - B_K A_K) on each targeted layer."""
+    w0 = initial_weights()
+    plain = {k.removeprefix("base_model.model."): v for k, v in w0.items() if ".base_layer." not in k}
+    for prefix in targeted(state):
+        a, b = state[f"{prefix}.lora_A.default.weight"].double(), state[f"{prefix}.lora_B.default.weight"].double()
+        a_k, b_k = state[f"{prefix}.lora_anchor_A.default"].double(), state[f"{prefix}.lora_anchor_B.default"].double()
+        w = w0[f"{prefix}.base_layer.weight"].double() + SCALE * b @ a + RATIO * SCALE * (b @ a - b_k @ a_k)
+        plain[f"{prefix.removeprefix('base_model.model.')}.weight"] = w.float()
+    return plain
+
+
+@pytest.mark.parametrize("run", ["zero3-factored", "zero3-inplace"])
+def test_zero3_save_model_reloads_on_a_fresh_base_and_export_lora_reproduces_it(deepspeed_runs, reference, run):
+    saved = load_file(deepspeed_runs / run / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_anchor_A") for k in saved) and any(k.endswith("lora_anchored") for k in saved)
+
+    ids = torch.arange(24).reshape(2, 12) % VOCAB
+    want = tiny_llama()
+    want.load_state_dict(effective_weights(reference[run.split("-")[1]]))
+    with torch.no_grad():
+        expected = want(ids).logits
+        reloaded = PeftModel.from_pretrained(tiny_llama(), deepspeed_runs / run / "adapter").eval()
+        exported = PeftModel.from_pretrained(tiny_llama(), deepspeed_runs / run / "export").eval()  # plain LoRA
+        reload_difference = (reloaded(ids).logits - expected).abs().max().item()
+        export_difference = (exported(ids).logits - expected).abs().max().item()
+    print(
+        f"\n{run}: save_model -> from_pretrained logits vs one process {reload_difference:.2e}; "
+        f"export_lora (rank {2 * 4}) {export_difference:.2e}"
+    )
+    assert exported.peft_config["default"].r == 2 * 4 and type(exported.peft_config["default"]).__name__ == "LoraConfig"
+    assert reload_difference <= 1e-4
+    assert export_difference <= 1e-4
