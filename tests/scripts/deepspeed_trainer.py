@@ -170,7 +170,7 @@ def main() -> None:
             start_step=args.start_step,
             offload=rest == ["offload"],
             model_size=size,
-            save=stage == "zero3",
+            save=stage == "zero3" and mode != "lora",
         )
         save_file(state, os.path.join(args.out, f"{run}.rank{rank}.safetensors"))
         Path(args.out, f"{run}.rank{rank}.json").write_text(json.dumps(report))
