@@ -3,8 +3,9 @@
     DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node 2 deepspeed_trainer.py \\
         --out DIR --runs zero2-inplace,zero3-factored --per-device 2
 
-Each run is ``zero{stage}-{mode}[-offload]`` (mode: inplace, factored, or lora for plain PEFT LoRA; offload: the
-optimizer on the CPU, ``offload_optimizer: {device: cpu}``); the runs of one launch share its imports and process
+Each run is ``zero{stage}-{mode}[-offload][-persistent]`` (mode: inplace, factored, or lora for plain PEFT LoRA;
+offload: the optimizer on the CPU, ``offload_optimizer: {device: cpu}``; persistent: ZeRO-3's default
+``stage3_param_persistence_threshold``, which keeps this tiny model's parameters whole, else every one is split); the runs of one launch share its imports and process
 group. As in ``ddp_trainer.py``, rows come in dataset order, so 2 ranks x 2 rows see the same global batches as one
 process with 4 rows: :func:`train` with ``stage=None`` (no DeepSpeed) is the single-process reference. Each rank
 writes ``{run}.rank{r}.safetensors`` (the whole model state, gathered under ZeRO-3) and ``{run}.rank{r}.json``
@@ -33,13 +34,14 @@ from deltalora_hf import DeltaLoRACallback, DeltaLoraConfig, export_lora
 TARGETS = ["q_proj", "v_proj"]
 
 
-def ds_config(stage: int, offload: bool = False) -> dict:
+def ds_config(stage: int, offload: bool = False, partition_all: bool = True) -> dict:
     """The DeepSpeed config of a run: only the keys that matter, the rest "auto" (filled in by Trainer)."""
     zero: dict = {"stage": stage}
     if stage == 3:
-        # Partition even the tiny LoRA factors (by default parameters under 1e5 elements stay whole), and make
-        # trainer.save_model() gather the weights into a normal adapter file.
-        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+        # trainer.save_model() gathers the weights into a normal adapter file.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if partition_all:  # partition even this tiny model (by default parameters under 1e5 elements stay whole)
+            zero["stage3_param_persistence_threshold"] = 0
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -111,6 +113,7 @@ def train(
     steps: int = 6,
     start_step: int = 2,
     offload: bool = False,
+    partition_all: bool = True,
     model_size: dict | None = None,
     save: bool = False,
 ) -> tuple[int, dict[str, torch.Tensor], dict]:
@@ -123,7 +126,7 @@ def train(
     if stage is not None:
         start_deepspeed_on_cpu()
         extra = {
-            "deepspeed": ds_config(stage, offload),
+            "deepspeed": ds_config(stage, offload, partition_all),
             "use_cpu": False,
             "accelerator_config": {"use_configured_state": True},
         }
@@ -151,7 +154,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", required=True, help="comma-separated zero{1,2,3}-{inplace,factored,lora}[-offload]")
+    parser.add_argument(
+        "--runs", required=True, help="comma-separated zero{1,2,3}-{inplace,factored,lora}[-offload][-persistent]"
+    )
     parser.add_argument("--per-device", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--start-step", type=int, default=2)
@@ -168,7 +173,8 @@ def main() -> None:
             per_device=args.per_device,
             steps=args.steps,
             start_step=args.start_step,
-            offload=rest == ["offload"],
+            offload="offload" in rest,
+            partition_all="persistent" not in rest,
             model_size=size,
             save=stage == "zero3" and mode != "lora",
         )
