@@ -63,6 +63,21 @@ def peft_config(mode: str, start_step: int) -> LoraConfig:
     )
 
 
+class OneGroupTrainer(SequentialTrainer):
+    """SequentialTrainer whose AdamW has a single param group (same hyperparameters as Trainer's ``adamw_torch``).
+
+    Trainer gives its AdamW a second, here empty, group (parameters without weight decay); DeepSpeed's ZeRO
+    optimizer drops empty groups, and with transformers 4.57 the LR scheduler of torch >= 2.13 then fails at the
+    first step (``zip() argument 2 is longer than argument 1``; transformers 5.24 is not affected).
+    """
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        return self.optimizer
+
+
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (forward, backward, optimizer and Delta-LoRA update)."""
 
@@ -130,7 +145,7 @@ def train(
             "use_cpu": False,
             "accelerator_config": {"use_configured_state": True},
         }
-    trainer = SequentialTrainer(
+    trainer = OneGroupTrainer(
         model=model,
         args=train_args(
             os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device, **extra
