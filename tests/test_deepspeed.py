@@ -42,12 +42,15 @@ STEPS, START_STEP = 6, 2  # as in test_distributed: lambda = 0.5, s = 2, W moves
 ZERO12 = ["zero1-inplace", "zero2-inplace", "zero2-factored"]
 ZERO3 = ["zero3-factored", "zero3-inplace", "zero3-factored-offload", "zero3-inplace-persistent"]
 
-pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="DeepSpeed's CPU accelerator runs on Linux only"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e '.[test]')"
-    ),
-]
+
+def needs_deepspeed(test):
+    """Skip where DeepSpeed cannot run these jobs: not Linux, or not installed."""
+    for condition, reason in [
+        (not sys.platform.startswith("linux"), "DeepSpeed's CPU accelerator runs on Linux only"),
+        (importlib.util.find_spec("deepspeed") is None, "deepspeed is not installed (pip install -e '.[test]')"),
+    ]:
+        test = pytest.mark.skipif(condition, reason=reason)(test)
+    return test
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +125,13 @@ def check_run(directory: Path, run: str, reference: dict[str, dict[str, torch.Te
     return states[0]
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("run", ZERO12)
 def test_zero1_and_zero2_match_one_process(deepspeed_runs, reference, run):
     check_run(deepspeed_runs, run, reference)
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("run", ZERO3)
 def test_zero3_matches_one_process_with_parameters_partitioned_or_persistent(deepspeed_runs, reference, run):
     """Every parameter split across the ranks, or (``persistent``) the base weights kept whole by ZeRO-3's default
@@ -153,6 +158,7 @@ def effective_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return plain
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("run", ["zero3-factored", "zero3-inplace"])
 def test_zero3_save_model_reloads_on_a_fresh_base_and_export_lora_reproduces_it(deepspeed_runs, reference, run):
     saved = load_file(deepspeed_runs / run / "adapter" / "adapter_model.safetensors")
@@ -174,3 +180,38 @@ def test_zero3_save_model_reloads_on_a_fresh_base_and_export_lora_reproduces_it(
     assert exported.peft_config["default"].r == 2 * 4 and type(exported.peft_config["default"]).__name__ == "LoraConfig"
     assert reload_difference <= 1e-4
     assert export_difference <= 1e-4
+
+
+# -- the ZeRO-3 in-place update of one rank's slice, without DeepSpeed ---------------------------------------------
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(("world", "dtype"), [(2, torch.float32), (3, torch.float32), (5, torch.bfloat16)])
+def test_zero3_slices_updated_separately_join_into_the_full_update(monkeypatch, world, dtype, transposed):
+    """Each rank's flat partition (padded at the end: 7 x 9 = 63 elements on 5 ranks are 5 x 13, the last with 11
+    real ones) gets exactly its elements of alpha * U V, whatever the row boundaries."""
+    from deltalora_hf import _distributed
+
+    g = torch.Generator().manual_seed(0)
+    d, k, r, alpha = 7, 9, 2, 0.75
+    w = torch.randn(d, k, generator=g).to(dtype)
+    u, v = torch.randn(d, 2 * r, generator=g), torch.randn(2 * r, k, generator=g)
+    stored = w.T.contiguous() if transposed else w  # as an Embedding or Conv1D stores W
+    size = -(-stored.numel() // world)
+    flat = torch.cat([stored.reshape(-1), torch.zeros(size * world - stored.numel(), dtype=dtype)])
+    slices = []
+    for rank in range(world):
+        param = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)  # as ZeRO-3 leaves it
+        param.ds_id, param.ds_numel, param.ds_shape, param.ds_process_group = 1, stored.numel(), stored.shape, None
+        param.ds_tensor = flat[rank * size : (rank + 1) * size].clone()
+        param.ds_tensor.ds_numel = size
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+        _distributed.check_writable_in_place(param, "w")
+        _distributed.add_low_rank_(param, u, v, alpha, transposed=transposed, rounding="nearest")
+        slices.append(param.ds_tensor)
+    got = torch.cat(slices)[: stored.numel()].reshape(stored.shape).double()
+    want = (w.double() + alpha * u.double() @ v.double()).to(dtype).double()
+    want = want.T if transposed else want
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-23  # one rounding step, relative
+    assert ((got - want).abs() <= ulp * want.abs().clamp(min=1.0)).all()
+    assert (got - (stored.double())).abs().max() > 0.1  # it did move
