@@ -40,7 +40,14 @@ sys.path.insert(0, str(SCRIPTS))
 
 STEPS, START_STEP = 6, 2  # as in test_distributed: lambda = 0.5, s = 2, W moves on steps 3..5
 ZERO12 = ["zero1-inplace", "zero2-inplace", "zero2-factored"]
-ZERO3 = ["zero3-factored", "zero3-inplace", "zero3-factored-offload", "zero3-inplace-persistent"]
+ZERO3 = [
+    "zero3-factored",
+    "zero3-inplace",
+    "zero3-factored-offload",
+    "zero3-inplace-persistent",
+    "zero3-factored-pretrained",
+    "zero3-inplace-pretrained",
+]
 
 
 def needs_deepspeed(test):
@@ -135,7 +142,9 @@ def test_zero1_and_zero2_match_one_process(deepspeed_runs, reference, run):
 @pytest.mark.parametrize("run", ZERO3)
 def test_zero3_matches_one_process_with_parameters_partitioned_or_persistent(deepspeed_runs, reference, run):
     """Every parameter split across the ranks, or (``persistent``) the base weights kept whole by ZeRO-3's default
-    ``stage3_param_persistence_threshold``: the two paths of the in-place update (a slice of W, or all of it)."""
+    ``stage3_param_persistence_threshold``: the two paths of the in-place update (a slice of W, or all of it).
+    ``pretrained``: the base loaded with ``from_pretrained`` after ``TrainingArguments``, i.e. partitioned by
+    ``deepspeed.zero.Init`` before PEFT wraps it (how large models are loaded)."""
     state = check_run(deepspeed_runs, run, reference)
     _, reports = load_run(deepspeed_runs, run)
     for report in reports:
@@ -143,6 +152,7 @@ def test_zero3_matches_one_process_with_parameters_partitioned_or_persistent(dee
         for prefix in targeted(state):
             assert {f"{prefix}.lora_A.default.weight", f"{prefix}.lora_B.default.weight"} <= partitioned, prefix
             assert (f"{prefix}.base_layer.weight" in partitioned) != run.endswith("-persistent"), prefix
+        assert report["loaded_partitioned"] == run.endswith("-pretrained")  # from_pretrained under zero.Init
 
 
 def effective_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

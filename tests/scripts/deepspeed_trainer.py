@@ -3,9 +3,10 @@
     DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node 2 deepspeed_trainer.py \\
         --out DIR --runs zero2-inplace,zero3-factored --per-device 2
 
-Each run is ``zero{stage}-{mode}[-offload][-persistent]`` (mode: inplace, factored, or lora for plain PEFT LoRA;
+Each run is ``zero{stage}-{mode}[-offload][-persistent][-pretrained]`` (mode: inplace, factored, or lora for plain PEFT LoRA;
 offload: the optimizer on the CPU, ``offload_optimizer: {device: cpu}``; persistent: ZeRO-3's default
-``stage3_param_persistence_threshold``, which keeps this tiny model's parameters whole, else every one is split); the runs of one launch share its imports and process
+``stage3_param_persistence_threshold``, which keeps this tiny model's parameters whole, else every one is split;
+pretrained: the base saved and loaded back with ``from_pretrained``, which partitions it while loading); the runs of one launch share its imports and process
 group. As in ``ddp_trainer.py``, rows come in dataset order, so 2 ranks x 2 rows see the same global batches as one
 process with 4 rows: :func:`train` with ``stage=None`` (no DeepSpeed) is the single-process reference. Each rank
 writes ``{run}.rank{r}.safetensors`` (the whole model state, gathered under ZeRO-3) and ``{run}.rank{r}.json``
@@ -129,14 +130,13 @@ def train(
     start_step: int = 2,
     offload: bool = False,
     partition_all: bool = True,
+    from_pretrained: bool = False,
     model_size: dict | None = None,
     save: bool = False,
 ) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Train one run; return this process's rank, its (gathered) model state, and a report: the seconds of each
-    step and the names of the parameters that were partitioned (ZeRO-3) after training."""
-    model = get_peft_model(tiny_llama(**(model_size or {})), peft_config(mode, start_step))
-    timer = StepTimer()
-    callbacks = [timer] if mode == "lora" else [DeltaLoRACallback(), timer]
+    step, the names of the parameters that were partitioned (ZeRO-3) after training, and whether the whole base
+    was partitioned as it was created."""
     extra = {}
     if stage is not None:
         start_deepspeed_on_cpu()
@@ -145,14 +145,23 @@ def train(
             "use_cpu": False,
             "accelerator_config": {"use_configured_state": True},
         }
-    trainer = OneGroupTrainer(
-        model=model,
-        args=train_args(
-            os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device, **extra
-        ),
-        train_dataset=lm_rows(64),
-        callbacks=callbacks,
+    # TrainingArguments first, as DeepSpeed users do: from then on from_pretrained loads under deepspeed.zero.Init
+    # with ZeRO-3, so the base weights are partitioned as they are created.
+    args = train_args(
+        os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device, **extra
     )
+    base = tiny_llama(**(model_size or {}))
+    if from_pretrained:
+        path = os.path.join(out_dir, "base")
+        if args.process_index == 0:
+            base.save_pretrained(path)
+        args.distributed_state.wait_for_everyone()
+        base = type(base).from_pretrained(path)
+    loaded_partitioned = all(hasattr(p, "ds_id") for p in base.parameters())
+    model = get_peft_model(base, peft_config(mode, start_step))
+    timer = StepTimer()
+    callbacks = [timer] if mode == "lora" else [DeltaLoRACallback(), timer]
+    trainer = OneGroupTrainer(model=model, args=args, train_dataset=lm_rows(64), callbacks=callbacks)
     trainer.train()
     assert trainer.args.world_size == int(os.environ.get("WORLD_SIZE", "1")), trainer.args.world_size
     if save:
@@ -161,7 +170,8 @@ def train(
     partitioned = [n for n, p in model.named_parameters() if hasattr(p, "ds_id") and p.numel() == 0]
     with gathered_parameters(model):
         state = trained_state(model)
-    return trainer.args.process_index, state, {"seconds_per_step": timer.seconds, "partitioned": partitioned}
+    report = {"seconds_per_step": timer.seconds, "partitioned": partitioned, "loaded_partitioned": loaded_partitioned}
+    return trainer.args.process_index, state, report
 
 
 def main() -> None:
@@ -170,7 +180,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument(
-        "--runs", required=True, help="comma-separated zero{1,2,3}-{inplace,factored,lora}[-offload][-persistent]"
+        "--runs",
+        required=True,
+        help="comma-separated zero{1,2,3}-{inplace,factored,lora}[-offload][-persistent][-pretrained]",
     )
     parser.add_argument("--per-device", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
@@ -190,6 +202,7 @@ def main() -> None:
             start_step=args.start_step,
             offload="offload" in rest,
             partition_all="persistent" not in rest,
+            from_pretrained="pretrained" in rest,
             model_size=size,
             save=stage == "zero3" and mode != "lora",
         )
