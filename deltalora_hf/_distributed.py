@@ -164,10 +164,12 @@ def add_low_rank_(
     left, right = (v.T, u.T) if transposed else (u, v)
     cols = right.shape[1]
     first, last = start // cols, (end + cols - 1) // cols
-    product = (left[first:last].float() @ right.float()).reshape(-1)[start - first * cols : end - first * cols]
     local = part.data[: end - start]
-    if local.dtype in (torch.float32, torch.float64):
-        local.add_(product.to(local.dtype), alpha=alpha)
+    compute = torch.float64 if local.dtype == torch.float64 else torch.float32
+    # The rows [first, last) of U V cover the slice: a temporary about the size of this rank's partition.
+    product = (left[first:last].to(compute) @ right.to(compute)).reshape(-1)[start - first * cols : end - first * cols]
+    if local.dtype == compute:
+        local.add_(product, alpha=alpha)
         return
     exact = local.float().add_(product, alpha=alpha)
     local.copy_(functional.stochastic_round(exact, local.dtype, generator) if rounding == "stochastic" else exact)
