@@ -39,7 +39,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(SCRIPTS))
 
 STEPS, START_STEP = 6, 2  # as in test_distributed: lambda = 0.5, s = 2, W moves on steps 3..5
-ZERO12 = ["zero1-inplace", "zero2-inplace", "zero2-factored"]
+ZERO12 = ["zero1-inplace", "zero2-inplace", "zero2-factored", "zero2-factored-accumulate"]
 ZERO3 = [
     "zero3-factored",
     "zero3-inplace",
@@ -47,6 +47,7 @@ ZERO3 = [
     "zero3-inplace-persistent",
     "zero3-factored-pretrained",
     "zero3-inplace-pretrained",
+    "zero3-inplace-accumulate",
 ]
 
 

@@ -3,15 +3,17 @@
     DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node 2 deepspeed_trainer.py \\
         --out DIR --runs zero2-inplace,zero3-factored --per-device 2
 
-Each run is ``zero{stage}-{mode}[-offload][-persistent][-pretrained]`` (mode: inplace, factored, or lora for plain PEFT LoRA;
-offload: the optimizer on the CPU, ``offload_optimizer: {device: cpu}``; persistent: ZeRO-3's default
-``stage3_param_persistence_threshold``, which keeps this tiny model's parameters whole, else every one is split;
-pretrained: the base saved and loaded back with ``from_pretrained``, which partitions it while loading); the runs of one launch share its imports and process
-group. As in ``ddp_trainer.py``, rows come in dataset order, so 2 ranks x 2 rows see the same global batches as one
-process with 4 rows: :func:`train` with ``stage=None`` (no DeepSpeed) is the single-process reference. Each rank
-writes ``{run}.rank{r}.safetensors`` (the whole model state, gathered under ZeRO-3) and ``{run}.rank{r}.json``
-(seconds per step, partitioned parameters); ZeRO-3 runs also save the adapter with ``trainer.save_model()`` to ``{run}/adapter`` and export
-it with ``deltalora_hf.export_lora`` to ``{run}/export``.
+Each run is ``zero{stage}-{mode}[-offload][-persistent][-pretrained][-accumulate]``: mode is inplace, factored, or
+lora for plain PEFT LoRA; offload puts the optimizer on the CPU (``offload_optimizer: {device: cpu}``); persistent
+keeps ZeRO-3's default ``stage3_param_persistence_threshold`` (this tiny model's W then stay whole; otherwise every
+parameter is split); pretrained saves the base and loads it back with ``from_pretrained``, which partitions it while
+loading; accumulate takes the same rows per optimizer step in 2 micro-batches (``gradient_accumulation_steps=2``).
+The runs of one launch share its imports and process group. As in ``ddp_trainer.py``, rows come in dataset order,
+so 2 ranks x 2 rows see the same global batches as one process with 4 rows: :func:`train` with ``stage=None`` (no
+DeepSpeed) is the single-process reference. Each rank writes ``{run}.rank{r}.safetensors`` (the whole model state,
+gathered under ZeRO-3) and ``{run}.rank{r}.json`` (seconds per step, what was partitioned); ZeRO-3 runs also save
+the adapter with ``trainer.save_model()`` to ``{run}/adapter`` and export it with ``deltalora_hf.export_lora`` to
+``{run}/export``.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def train(
     offload: bool = False,
     partition_all: bool = True,
     from_pretrained: bool = False,
+    accumulation: int = 1,
     model_size: dict | None = None,
     save: bool = False,
 ) -> tuple[int, dict[str, torch.Tensor], dict]:
@@ -148,7 +151,11 @@ def train(
     # TrainingArguments first, as DeepSpeed users do: from then on from_pretrained loads under deepspeed.zero.Init
     # with ZeRO-3, so the base weights are partitioned as they are created.
     args = train_args(
-        os.path.join(out_dir, "trainer"), max_steps=steps, per_device_train_batch_size=per_device, **extra
+        os.path.join(out_dir, "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=per_device // accumulation,
+        gradient_accumulation_steps=accumulation,
+        **extra,
     )
     base = tiny_llama(**(model_size or {}))
     if from_pretrained:
@@ -182,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         required=True,
-        help="comma-separated zero{1,2,3}-{inplace,factored,lora}[-offload][-persistent][-pretrained]",
+        help="comma-separated zero{1,2,3}-{inplace,factored,lora}[-offload][-persistent][-pretrained][-accumulate]",
     )
     parser.add_argument("--per-device", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
@@ -203,6 +210,7 @@ def main() -> None:
             offload="offload" in rest,
             partition_all="persistent" not in rest,
             from_pretrained="pretrained" in rest,
+            accumulation=2 if "accumulate" in rest else 1,
             model_size=size,
             save=stage == "zero3" and mode != "lora",
         )
