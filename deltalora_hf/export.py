@@ -22,6 +22,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from . import _distributed
 from .config import DeltaLoraConfig
 from .layer import DeltaLoraLayer
 
@@ -71,24 +72,30 @@ def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_nam
     ``PeftModel.from_pretrained(original_base, save_directory)``. ``modules_to_save`` (e.g. a classifier head)
     are exported too. Size: twice a rank-r LoRA adapter of the same layers, plus any ``modules_to_save``.
 
+    Under DeepSpeed ZeRO-3 call it on every rank (the factors are gathered, a collective); rank 0 writes.
+
     In ``base_update="inplace"`` mode with a bfloat16/float16 base, the export is the exact telescoped change,
     while the W in memory also carries the rounding noise of its per-step updates.
     """
     config = model.peft_config[adapter_name]
     if not isinstance(config, DeltaLoraConfig):
         raise ValueError(f"adapter '{adapter_name}' is not a Delta-LoRA adapter ({type(config).__name__}).")
-    layers = {
-        n: m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer) and adapter_name in m.lora_anchored
-    }
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-    state = {k: v for k, v in state.items() if not k.rsplit(".", 1)[-1].startswith("lora_anchor")}
-    for name, layer in layers.items():
-        a, b = exported_factors(layer, adapter_name)
-        if f"{name}.lora_A.weight" in state:
-            state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
-        else:  # nn.Embedding keeps its factors as parameters, without ".weight"
-            state[f"{name}.lora_embedding_A"], state[f"{name}.lora_embedding_B"] = a, b
+    params = [p for n, p in model.named_parameters() if f".{adapter_name}." in n or n.endswith(f".{adapter_name}")]
+    with _distributed.gathered(*params):  # ZeRO-3: the adapter's factors, whole (a collective: all ranks)
+        layers = {
+            n: m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer) and adapter_name in m.lora_anchored
+        }
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+        state = {k: v for k, v in state.items() if not k.rsplit(".", 1)[-1].startswith("lora_anchor")}
+        for name, layer in layers.items():
+            a, b = exported_factors(layer, adapter_name)
+            if f"{name}.lora_A.weight" in state:
+                state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+            else:  # nn.Embedding keeps its factors as parameters, without ".weight"
+                state[f"{name}.lora_embedding_A"], state[f"{name}.lora_embedding_B"] = a, b
     out = Path(save_directory)
+    if any(_distributed.is_zero3(p) for p in params) and not _distributed.is_main_process():
+        return out  # every rank gathered; rank 0 writes
     out.mkdir(parents=True, exist_ok=True)
     _lora_config(config, layers, adapter_name).save_pretrained(str(out))
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))

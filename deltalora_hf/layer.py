@@ -45,11 +45,10 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._distributed import check_writable_in_place, gathered
+from ._distributed import add_low_rank_, check_writable_in_place, full_values, gathered, is_partitioned
 from .config import BaseUpdate
 from .functional import (
     Rounding,
-    add_low_rank_,
     default_generator,
     delta_factors,
     low_rank_frobenius_sq,
@@ -180,7 +179,7 @@ class DeltaLoraLayer:
     def set_anchor(self, adapter_name: str) -> None:
         """Record ``(A_K, B_K)``: the adapter's current factors, from which W starts to move (move = 0 now)."""
         if self._moves_w(adapter_name):
-            check_writable_in_place(self.get_base_layer().weight)
+            check_writable_in_place(self.get_base_layer().weight, f"a layer of adapter '{adapter_name}'")
         with torch.no_grad(), gathered(*self.lora_factors(adapter_name)) as (a, b):
             self.lora_anchor_A[adapter_name].copy_(a)
             self.lora_anchor_B[adapter_name].copy_(b)
@@ -262,7 +261,7 @@ class DeltaLoraLayer:
         for adapter in dict.fromkeys([*self.lora_applied_A.keys(), *target]):
             record = self._applied_record(adapter)
             if adapter in target:
-                a, b = (t.detach() for t in self.lora_factors(adapter))
+                a, b = (t.detach() for t in full_values(*self.lora_factors(adapter)))
                 a_k, b_k = self.lora_anchor_A[adapter], self.lora_anchor_B[adapter]
                 scale = self.move_scale(adapter)
                 new = (a, b, a_k, b_k)
@@ -302,7 +301,7 @@ class DeltaLoraLayer:
         written = square != 0.0
         if written:
             weight = self.get_base_layer().weight
-            check_writable_in_place(weight)
+            check_writable_in_place(weight, f"a layer of adapter '{move.adapter}'")
             add_low_rank_(
                 weight,
                 move.u,
@@ -347,6 +346,8 @@ class DeltaLoraLayer:
     def _ensure_synced(self) -> None:
         if not self.lora_applied_A and not any(self._moves_w(a) for a in self.delta_base_update):
             return  # no in-place adapter: W is the original base weight
+        if is_partitioned(self.get_base_layer().weight):
+            return  # ZeRO-3 swaps the data of partitioned tensors around every forward: the updater syncs there
         if not self._is_synced():
             self.sync_base_weight()
 
@@ -375,7 +376,7 @@ class DeltaLoraLayer:
                 for adapter in list(module.lora_applied_A.keys()):
                     module._set_record(adapter, None, 0.0)
                 for adapter in module.applied_adapters():
-                    a, b = (t.detach() for t in module.lora_factors(adapter))
+                    a, b = (t.detach() for t in full_values(*module.lora_factors(adapter)))
                     record = (a, b, module.lora_anchor_A[adapter], module.lora_anchor_B[adapter])
                     module._set_record(adapter, record, module.move_scale(adapter))
             module._anchored_cache.clear()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._distributed import check_writable_in_place
+from ._distributed import check_writable_in_place, full_values
 from .functional import delta_factors, low_rank_frobenius_sq
 from .layer import DeltaLoraLayer
 from .model import delta_lora_layers
@@ -82,7 +82,8 @@ class DeltaLoraUpdater:
         for layer in find_delta_lora_layers(model):
             layer.delta_driven = True  # silences the "training without an updater" warning
             if any(layer._moves_w(a) for a in layer.active_adapters if a in layer.delta_base_update):
-                check_writable_in_place(layer.get_base_layer().weight)  # refuse before any step, not at step K + 1
+                # refuse before any step, not at step K + 1
+                check_writable_in_place(layer.get_base_layer().weight, f"layer {type(layer).__name__}")
 
     def layers(self) -> list[DeltaLoraLayer]:
         return find_delta_lora_layers(self.model)
@@ -147,7 +148,7 @@ class DeltaLoraUpdater:
             for layer in self.layers():
                 for adapter in layer.active_adapters:
                     if adapter in layer.delta_base_update and layer.is_anchored(adapter):
-                        a, b = layer.lora_factors(adapter)
+                        a, b = full_values(*layer.lora_factors(adapter))
                         u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
                         total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
         return math.sqrt(total)

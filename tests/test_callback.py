@@ -204,3 +204,13 @@ def test_bf16_weights_receive_the_whole_expected_change_with_stochastic_rounding
     )
     assert abs(share_sr - 1) <= 0.05
     assert share_rn < 0.9  # the problem the default solves is real in this setting
+
+
+def test_deepspeed_zero3_weights_that_cannot_be_written_in_place_are_refused_naming_factored_mode():
+    model = _delta_model()
+    weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    weight.ds_id, weight.ds_shape = 7, weight.shape  # as ZeRO-3 marks them; this partition is offloaded to NVMe
+    weight.ds_tensor = torch.zeros(weight.numel() // 2)
+    weight.ds_tensor.final_location = "nvme"
+    with pytest.raises(RuntimeError, match=r"ZeRO-3 .*NVMe.*base_update='factored'"):
+        DeltaLoraUpdater(model)
