@@ -6,7 +6,7 @@ The rest of the package calls only these functions; DeepSpeed is imported lazily
 * :func:`gathered` / :func:`full_values`: the whole, readable value of a factor (to record anchors, to cache
   the factors of the in-place update, to log norms, to export).
 * :func:`used_in_forward`: a factor read by a layer's own ``forward`` outside the forward of the submodule that
-  owns it (the factored move ``lambda s (B A - B_K A_K) x``); ZeRO-3 is told to gather it with that layer.
+  owns it (PEFT's embedding factors); ZeRO-3 is told to gather it with that layer.
 * :func:`check_writable_in_place` and :func:`add_low_rank_`: the in-place W update. Under ZeRO-3 each rank owns
   one contiguous slice of the flattened W (``param.ds_tensor``); the update of that slice needs only the matching
   elements of the rank-2r product, so every rank updates its own slice exactly, with no communication:

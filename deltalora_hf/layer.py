@@ -45,7 +45,14 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._distributed import add_low_rank_, check_writable_in_place, full_values, gathered, is_partitioned
+from ._distributed import (
+    add_low_rank_,
+    check_writable_in_place,
+    full_values,
+    gathered,
+    is_partitioned,
+    used_in_forward,
+)
 from .config import BaseUpdate
 from .functional import (
     Rounding,
@@ -504,7 +511,8 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
         return True
 
     def _lora_path(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
-        return self._factor_path(x, *self.lora_factors(adapter))
+        # the factors are parameters of no submodule with a forward: ZeRO-3 must be told to gather them with this one
+        return self._factor_path(x, *used_in_forward(self, *self.lora_factors(adapter)))
 
     def _factor_path(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         out = self._embed(x, a.T) @ b.T
