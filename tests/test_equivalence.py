@@ -11,7 +11,8 @@ the W update turns Delta-LoRA into exactly that LoRA, and a wrong scale moves th
 from __future__ import annotations
 
 import copy
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import pytest
 import torch
