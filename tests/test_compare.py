@@ -19,19 +19,19 @@ from deltalora_hf.compare.settings import _parse_lr_grid
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "blue", "green", "red", "cat", "dog", "tree", "car"]
 CLASSES = {"pos": WORDS[0:3], "neg": WORDS[3:6], "color": WORDS[6:9]}
 FILLER = WORDS[9:]
-SMOKE = dict(
-    steps=8,
-    start_step=2,
-    update_ratio=1.0,
-    batch_size=8,
-    max_length=8,
-    train_size=96,
-    validation_size=24,
-    test_size=24,
-    eval_every=4,
-    isolate=False,
-    seeds=[0, 1],
-)
+SMOKE = {
+    "steps": 8,
+    "start_step": 2,
+    "update_ratio": 1.0,
+    "batch_size": 8,
+    "max_length": 8,
+    "train_size": 96,
+    "validation_size": 24,
+    "test_size": 24,
+    "eval_every": 4,
+    "isolate": False,
+    "seeds": [0, 1],
+}
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_wordnet_parser_and_split(tmp_path):
 
 
 def test_settings_and_lr_grid():
-    assert _parse_lr_grid(["1e-3,3e-3"]) == dict.fromkeys(compare.ARMS, [1e-3, 3e-3])
+    assert _parse_lr_grid(["1e-3,3e-3"]) == {key: [0.001, 0.003] for key in compare.ARMS}
     assert _parse_lr_grid(["lora=1e-3", "full=2e-5,1e-4"]) == {"lora": [1e-3], "full": [2e-5, 1e-4]}
     with pytest.raises(ValueError):
         compare.CompareSettings(arms=["lora", "qlora"])
@@ -244,3 +244,16 @@ def test_statistics_and_metrics():
     text = metrics.generation_scores(["the cat sat on the mat"], [["the cat sat on the mat", "a cat"]])
     assert text["bleu"] == pytest.approx(100.0) and text["rougeL"] == pytest.approx(1.0)
     assert metrics.generation_scores(["x y z w"], [["a b c d"]])["rougeL"] == 0.0
+
+
+def test_sweeps_enter_the_selection_grid():
+    settings = compare.CompareSettings(arms=["lora", "lora-scaled", "deltalora"], lr_grid={"lora": [1e-3, 2e-3]},
+                                       sweep_update_ratio=[0.5, 2.0], sweep_start_step=[0, 5], steps=20)  # fmt: skip
+    grids = {arm: protocol.candidates(settings, arm) for arm in settings.arms}
+    assert [c.label for c in grids["lora"]] == ["lr=0.001", "lr=0.002"]
+    assert len(grids["lora-scaled"]) == 2 * 2 and len(grids["deltalora"]) == 2 * 2 * 2
+    chosen = grids["lora-scaled"][-1].apply(settings)
+    assert chosen.update_ratio == 2.0 and chosen.scaled_alpha == settings.lora_alpha * 3
+    assert grids["deltalora"][-1].apply(settings).start_step == 5
+    with pytest.raises(ValueError, match="start_step"):
+        compare.CompareSettings(steps=10, sweep_start_step=[0, 9])

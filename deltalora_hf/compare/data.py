@@ -7,7 +7,6 @@ package ``wordnet-base``) classified into a few of their lexicographer files ("s
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import json
 import os
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .measure import fingerprint
 from .settings import CompareSettings
 
 Split = Literal["train", "validation", "test"]
@@ -82,10 +82,7 @@ class TextTask:
 
     def fingerprint(self, split: Split) -> str:
         """A short hash of a split's texts and labels, recorded with every choice made on it."""
-        digest = hashlib.sha256()
-        for text, label in zip(self.texts[split], self.labels[split]):
-            digest.update(f"{label}\t{text}\n".encode())
-        return digest.hexdigest()[:16]
+        return fingerprint(f"{label}\t{text}" for text, label in zip(self.texts[split], self.labels[split]))
 
     def majority_baseline(self, split: Split = "test") -> dict[str, Any]:
         """Accuracy and macro-F1 of always predicting the most frequent training label."""

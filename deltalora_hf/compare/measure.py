@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import resource
 import statistics
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -53,6 +54,14 @@ def weight_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
         "w_layers_changed": moved,
         "w_layers_targeted": len(before),
     }
+
+
+def fingerprint(items: Iterable[str]) -> str:
+    """A short hash identifying a split (its rows, in order), recorded with every choice made on it."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def peak_rss_bytes() -> int:

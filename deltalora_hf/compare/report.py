@@ -19,16 +19,11 @@ REFERENCES = ("lora", "lora-scaled")
 METRICS = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
 
 
-def by_arm(runs: Sequence[dict[str, Any]], arms: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-    """The final runs of each arm, ordered by seed."""
-    return {arm: sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"]) for arm in arms}
-
-
 def summarize(finals: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per arm: mean and std over seeds of the test metrics and the costs."""
     summary = {}
     for arm, runs in finals.items():
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "lr": runs[0]["lr"]}
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "choice": runs[0]["candidate"]}
         for split in ("test", "validation"):
             for key in METRICS:
                 entry[f"{split}_{key}"] = mean_std([r[split][key] for r in runs])
@@ -39,7 +34,7 @@ def summarize(finals: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
     return summary
 
 
-def differences(finals: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def differences(finals: dict[str, list[dict[str, Any]]], metrics: Sequence[str]) -> list[dict[str, Any]]:
     """Paired (by seed) test differences of every arm to ``lora`` and to ``lora-scaled``, with 95% t-intervals."""
     rows = []
     for reference in REFERENCES:
@@ -49,27 +44,47 @@ def differences(finals: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]
         for arm, runs in finals.items():
             if arm == reference or [r["seed"] for r in runs] != ref_seeds:
                 continue
-            for key in METRICS:
+            for key in metrics:
                 diff = paired_difference([r["test"][key] for r in runs], [r["test"][key] for r in finals[reference]])
                 rows.append({"arm": arm, "reference": reference, "metric": key, **diff})
     return rows
 
 
-def verdict(row: dict[str, Any]) -> str:
+def verdict(row: dict[str, Any], metric_title: str) -> str:
     """One sentence on one paired difference."""
     name, ref = ARM_TITLES[row["arm"]], ARM_TITLES[row["reference"]]
     if row["n"] < 2:
         return f"{name} vs {ref}: one seed, no interval; run more seeds to tell."
+    interval = f"{row['mean']:+.4f} {metric_title}, 95% CI [{row['low']:+.4f}, {row['high']:+.4f}]"
     if row["excludes_zero"]:
         direction = "higher" if row["mean"] > 0 else "lower"
-        return (
-            f"{name} is {direction} than {ref} ({row['mean']:+.4f}, 95% CI [{row['low']:+.4f}, "
-            f"{row['high']:+.4f}]): the interval excludes 0."
-        )
-    return (
-        f"{name} vs {ref}: {row['mean']:+.4f}, 95% CI [{row['low']:+.4f}, {row['high']:+.4f}] contains 0: "
-        f"no difference shown with {row['n']} seeds."
-    )
+        return f"{name} is {direction} than {ref} ({interval}): the interval excludes 0, a real difference."
+    return f"{name} vs {ref}: {interval} contains 0: no difference shown with {row['n']} seeds."
+
+
+def differences_table(diffs: list[dict[str, Any]], metrics: dict[str, str]) -> str:
+    """Markdown: one row per (arm, reference), one column per metric; * marks an interval excluding 0."""
+    header = ["arm", "vs", *(f"test {title} difference (95% CI)" for title in metrics.values())]
+    rows = []
+    for reference in REFERENCES:
+        for arm in ARM_TITLES:
+            cells = {d["metric"]: d for d in diffs if d["arm"] == arm and d["reference"] == reference}
+            if cells:
+                rows.append([ARM_TITLES[arm], ARM_TITLES[reference]] + [
+                    f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" + (" *" if d["excludes_zero"] else "")
+                    for d in (cells[key] for key in metrics)
+                ])  # fmt: skip
+    return markdown(header, rows)
+
+
+def choices_table(selection: dict[str, Any], metric_title: str) -> str:
+    """Markdown: each arm's candidates with their validation score, and the one chosen."""
+    rows = []
+    for arm, choice in selection.items():
+        scores = ", ".join(f"{label}: {score:.4f}" for label, score in choice["candidates"])
+        rows.append([ARM_TITLES[arm], scores, choice["choice"]])
+    seed = next(iter(selection.values()))["seed"]
+    return markdown(["arm", f"validation {metric_title} per candidate (seed {seed})", "chosen"], rows)
 
 
 def _cell(pair: tuple[float, float], n: int, spec: str = ".4f", scale: float = 1.0) -> str:
@@ -116,22 +131,25 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-def plot_curves(finals: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
-    """PNG: validation macro-F1 and train loss vs step, one line per arm (mean over seeds)."""
+PANELS = (("validation_curve", "validation macro-F1"), ("loss_curve", "train loss"))
+
+
+def plot_curves(
+    finals: dict[str, list[dict[str, Any]]], path: Path, title: str, panels: Sequence[tuple[str, str]] = PANELS
+) -> None:
+    """PNG: one panel per ``(curve key, name)`` of the runs, one line per arm (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arm, runs in finals.items():
-        for ax, key in ((ax_metric, "validation_curve"), (ax_loss, "loss_curve")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for arm, runs in finals.items():
             steps = [s for s, _ in runs[0][key]]
             values = [statistics.fmean(r[key][i][1] for r in runs) for i in range(len(steps))]
-            ax.plot(steps, values, marker="o" if key == "validation_curve" else None, label=ARM_TITLES[arm])
-    ax_metric.set(xlabel="optimizer step", ylabel="validation macro-F1", title="Validation macro-F1 (mean)")
-    ax_loss.set(xlabel="optimizer step", ylabel="train loss", title="Train loss (mean)")
-    for ax in (ax_metric, ax_loss):
+            ax.plot(steps, values, marker="o" if len(steps) < 12 else None, label=ARM_TITLES[arm])
+        ax.set(xlabel="optimizer step", ylabel=name, title=f"{name} (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=8)
@@ -182,7 +200,7 @@ def write_report(
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(finals)
-    diffs = differences(finals)
+    diffs = differences(finals, list(METRICS))
     baseline = task_info["majority_baseline"]
     weak = [arm for arm, e in summary.items() if e["test_macro_f1"][0] < 2 * baseline["macro_f1"]]
     learned = (
@@ -199,30 +217,7 @@ def write_report(
         f"{settings.scaled_alpha:g}), lora_dropout=0; Delta-LoRA λ={settings.update_ratio:g}, "
         f"K={settings.start_step}; seeds {settings.seeds}"
     )
-    choices = [
-        f"| arm | lr grid | validation macro-F1 per lr (seed {settings.seeds[0]}) | chosen |",
-        "|---|---|---|---|",
-    ]
-    for arm, choice in selection.items():
-        scores = ", ".join(f"{lr:g}: {f1:.4f}" for lr, f1 in choice["candidates"])
-        choices.append(
-            f"| {ARM_TITLES[arm]} | {', '.join(f'{lr:g}' for lr, _ in choice['candidates'])} | {scores} | "
-            f"{choice['lr']:g} |"
-        )
-    diff_lines = [
-        "| arm | vs | test macro-F1 difference (95% CI) | test accuracy difference (95% CI) |",
-        "|---|---|---|---|",
-    ]
-    for reference in REFERENCES:
-        for arm in finals:
-            pair = {d["metric"]: d for d in diffs if d["arm"] == arm and d["reference"] == reference}
-            if pair:
-                cells = [
-                    f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" + (" *" if d["excludes_zero"] else "")
-                    for d in (pair["macro_f1"], pair["accuracy"])
-                ]
-                diff_lines.append(f"| {ARM_TITLES[arm]} | {ARM_TITLES[reference]} | {cells[0]} | {cells[1]} |")
-    words = [verdict(d) for d in diffs if d["metric"] == "macro_f1"]
+    words = [verdict(d, "macro-F1") for d in diffs if d["metric"] == "macro_f1"]
     text = "\n".join(
         [
             "# deltalora-hf compare",
@@ -249,7 +244,7 @@ def write_report(
             "",
             "## Paired differences (by seed, test split)",
             "",
-            "\n".join(diff_lines),
+            differences_table(diffs, METRICS),
             "",
             "95% t-intervals over seeds; * marks an interval that excludes 0.",
             "",
@@ -257,7 +252,7 @@ def write_report(
             "",
             "## Validation choices",
             "",
-            "\n".join(choices),
+            choices_table(selection, "macro-F1"),
             "",
             (
                 f"Total wall time {seconds:.0f} s ({os.cpu_count()} CPU cores). Plot: `curves.png`; every number: "

@@ -45,6 +45,8 @@ class CompareSettings:
         seeds: training seeds; the table reports mean ± std and paired differences over them.
         data_seed: seed of the train/validation/test split.
         train_size, validation_size, test_size: examples per split (per class for the default task).
+        sweep_update_ratio, sweep_start_step: λ and K values added to Delta-LoRA's selection grid (and the λ values
+            to lora-scaled's, whose alpha follows λ); ``None``: only ``update_ratio`` / ``start_step``.
         eval_every: steps between validation evaluations (the curve); ``None``: ``steps // 2``.
         isolate: train each run in a fresh process, so that its peak RSS is its own.
         threads: ``torch.set_num_threads`` per run; ``None``: torch's default. 1 by default: on the shared 2-core
@@ -75,6 +77,8 @@ class CompareSettings:
     warmup_steps: int | None = None
     weight_decay: float = 0.0
     loraplus_lr_ratio: float = 16.0
+    sweep_update_ratio: list[float] | None = None
+    sweep_start_step: list[int] | None = None
     target_modules: list[str] | None = None
     isolate: bool = True
     threads: int | None = 1
@@ -95,9 +99,10 @@ class CompareSettings:
         if self.warmup_steps is None:
             self.warmup_steps = self.steps // 10
         self.lr_grid = {arm: list(self.lr_grid.get(arm, DEFAULT_LR_GRID[arm])) for arm in self.arms}
-        if "deltalora" in self.arms and self.update_ratio > 0 and self.start_step >= self.steps - 1:
+        starts = [self.start_step, *(self.sweep_start_step or [])]
+        if "deltalora" in self.arms and self.update_ratio > 0 and max(starts) >= self.steps - 1:
             raise ValueError(
-                f"start_step K={self.start_step} leaves no W update in {self.steps} steps (W moves on steps t > K, "
+                f"start_step K={max(starts)} leaves no W update in {self.steps} steps (W moves on steps t > K, "
                 "counted from 0): lower --start-step or raise --steps."
             )
 
@@ -171,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None, help="default: steps // 10")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--loraplus-lr-ratio", type=float, default=d.loraplus_lr_ratio)
+    p.add_argument(
+        "--sweep-update-ratio",
+        type=lambda s: [float(x) for x in _csv_list(s)],
+        default=None,
+        help="λ values to select from on validation (Delta-LoRA and lora-scaled), e.g. 0.5,1,2",
+    )
+    p.add_argument(
+        "--sweep-start-step",
+        type=lambda s: [int(x) for x in _csv_list(s)],
+        default=None,
+        help="K values to select from on validation (Delta-LoRA), e.g. 0,6,20",
+    )
     p.add_argument("--target-modules", type=_csv_list, default=None, help="default: the attention/MLP linears")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per run (0: torch's default)")
     p.add_argument(
