@@ -38,7 +38,6 @@ from deltalora_hf.compare.measure import (
     fingerprint,
     format_mean_std,
     peak_rss_bytes,
-    run_in_child,
     snapshot,
     targeted_base_weights,
     weight_change,
@@ -185,7 +184,7 @@ def train_generator(settings: CompareSettings, arm: Arm, seed: int, lr: float, m
     if arm != "full":
         model = peft.get_peft_model(model, adapter_config(arm, settings, targets, "CAUSAL_LM"))
     w0 = snapshot(targeted_base_weights(model, targets))
-    progress = RunProgress(f"{arm:11s} seed {seed} lr {lr:<7g}")
+    progress = RunProgress(f"{arm:11s} seed {seed} lr {lr:<7g}", live=not settings.isolate or settings.jobs == 1)
     callbacks = [progress] + ([deltalora_hf.DeltaLoRACallback(seed=seed)] if arm == "deltalora" else [])
     args = TrainingArguments(
         output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), f"quality_nlg_{arm}_s{seed}"),
@@ -283,6 +282,7 @@ def main() -> None:
     parser.add_argument("--wordnet", default="/usr/share/wordnet/data.noun")
     parser.add_argument("--model-cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: torch's default)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -296,7 +296,7 @@ def main() -> None:
     preset.pop("lr_grid", None)
     settings = CompareSettings(
         arms=arms, lr_grid=grid, seeds=args.seeds, r=args.r, lora_alpha=args.alpha, update_ratio=args.update_ratio,
-        data_seed=args.data_seed, threads=args.threads, isolate=args.isolate, output_dir=args.out, **preset,
+        data_seed=args.data_seed, threads=args.threads, isolate=args.isolate, jobs=args.jobs, output_dir=args.out, **preset,
     )  # fmt: skip
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     model_dir = str(convert_gguf(Path(args.model_cache)))
@@ -305,12 +305,11 @@ def main() -> None:
           f"{len(data.words['test'])} test words; model {model_dir}", flush=True)  # fmt: skip
     started = time.perf_counter()
 
-    def run(candidate: CompareSettings, arm: Arm, seed: int, lr: float) -> dict[str, Any]:
-        call = (candidate, arm, seed, lr, model_dir, data, args.max_new_tokens)
-        return run_in_child(train_generator, *call) if settings.isolate else train_generator(*call)
+    def run_all(jobs: list[tuple]) -> list[dict[str, Any]]:
+        return protocol.run_jobs(train_generator, jobs, (model_dir, data, args.max_new_tokens), settings)
 
     validation_id = fingerprint(data.words["validation"])
-    selection, finals = protocol.select_and_train(settings, run, "rougeL", validation_id)
+    selection, finals = protocol.select_and_train(settings, run_all, "rougeL", validation_id)
     write_report(Path(args.out), settings, data, selection, finals, time.perf_counter() - started, command)
 
 

@@ -14,6 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from deltalora_hf import compare
 from deltalora_hf.compare import data, measure, metrics, protocol
+from deltalora_hf.compare.run import train_classifier
 from deltalora_hf.compare.settings import _parse_lr_grid
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "blue", "green", "red", "cat", "dog", "tree", "car"]
@@ -171,20 +172,18 @@ def test_choices_never_read_the_test_split(tiny_setup, tmp_path):
     assert [r["test"]["macro_f1"] for r in again["runs"]] != [r["test"]["macro_f1"] for r in report["runs"]]
 
 
-def test_isolated_run_reports_own_peak_memory(tiny_setup, tmp_path):
+def test_parallel_isolated_runs_keep_their_order_and_own_memory(tiny_setup, tmp_path):
     model_dir, table, _ = tiny_setup
     settings = compare.CompareSettings(
-        model=str(model_dir),
-        dataset=str(table),
-        arms=["deltalora"],
-        output_dir=str(tmp_path),
-        **{**SMOKE, "steps": 4, "start_step": 1},
-    )
+        model=str(model_dir), dataset=str(table), output_dir=str(tmp_path),
+        **{**SMOKE, "steps": 4, "start_step": 1, "isolate": True, "jobs": 2},
+    )  # fmt: skip
     task = data.load_task(settings)
-    from deltalora_hf.compare.run import train_classifier
-
-    result = measure.run_in_child(train_classifier, settings, "deltalora", 0, 1e-2, str(model_dir), task)
-    assert result["w_change_norm"] > 0 and result["peak_rss_bytes"] > 0
+    jobs = [(settings, "deltalora", 0, 1e-2), (settings, "lora", 1, 1e-2)]
+    results = protocol.run_jobs(train_classifier, jobs, (str(model_dir), task), settings)
+    assert [(r["arm"], r["seed"]) for r in results] == [("deltalora", 0), ("lora", 1)]
+    assert results[0]["w_change_norm"] > 0 and results[1]["w_change_norm"] == 0.0
+    assert all(r["peak_rss_bytes"] > 0 for r in results)
 
 
 def test_missing_inputs_say_how_to_get_them(tiny_setup, monkeypatch, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import multiprocessing
 import shlex
 import sys
 import time
@@ -20,8 +21,8 @@ from .measure import run_in_child
 from .run import train_classifier
 from .settings import ARM_TITLES, Arm, CompareSettings
 
-# (settings of the candidate, arm, seed, learning rate) -> a run dict with "validation" and "test" metric dicts
-RunFn = Callable[[CompareSettings, Arm, int, float], dict[str, Any]]
+# jobs of (settings of the candidate, arm, seed, learning rate) -> run dicts with "validation" and "test" metric dicts
+RunAllFn = Callable[[list[tuple[CompareSettings, Arm, int, float]]], list[dict[str, Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,33 +67,56 @@ def candidates(settings: CompareSettings, arm: Arm) -> list[Candidate]:
 
 
 def select_and_train(
-    settings: CompareSettings, run: RunFn, metric: str, validation_id: str, log: Callable[[str], None] = print
+    settings: CompareSettings, run_all: RunAllFn, metric: str, validation_id: str, log: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """For every arm: each candidate with seed ``seeds[0]``, the best on ``validation[metric]``, then other seeds.
 
-    Returns ``(selection, finals)``: the choice per arm (with every candidate's validation score and the identity of
-    the split it was made on) and the final runs per arm, seed ``seeds[0]``'s being the chosen candidate's run.
-    Only ``run["validation"]`` is read to choose; the test metrics are carried, never compared.
+    ``run_all`` trains a list of ``(settings, arm, seed, lr)`` jobs (in any order, possibly in parallel) and returns
+    their runs in the same order. Returns ``(selection, finals)``: the choice per arm (with every candidate's
+    validation score and the identity of the split it was made on) and the final runs per arm, seed ``seeds[0]``'s
+    being the chosen candidate's run. Only ``run["validation"]`` is read to choose; test metrics are only carried.
     """
-    selection: dict[str, Any] = {}
-    finals: dict[str, list[dict[str, Any]]] = {}
     first, *others = settings.seeds
-    for arm in settings.arms:
-        grid = candidates(settings, arm)
-        runs = [{**run(c.apply(settings), arm, first, c.lr), "candidate": c.label} for c in grid]
-        best = max(range(len(grid)), key=lambda i: runs[i]["validation"][metric])  # the first one on a tie
-        chosen = grid[best]
+    grids = {arm: candidates(settings, arm) for arm in settings.arms}
+    jobs = [(c, (c.apply(settings), arm, first, c.lr)) for arm in settings.arms for c in grids[arm]]
+    results = iter(run_all([job for _, job in jobs]))
+    tried = {arm: [{**next(results), "candidate": c.label} for c in grids[arm]] for arm in settings.arms}
+    selection: dict[str, Any] = {}
+    for arm, runs in tried.items():
+        best = max(range(len(runs)), key=lambda i: runs[i]["validation"][metric])  # the first one on a tie
+        chosen = grids[arm][best]
         selection[arm] = {
             "choice": chosen.label, "lr": chosen.lr, "update_ratio": chosen.update_ratio,
             "start_step": chosen.start_step, "seed": first, "metric": f"validation {metric}", "split": validation_id,
-            "candidates": [(c.label, r["validation"][metric]) for c, r in zip(grid, runs)],
+            "candidates": [(c.label, r["validation"][metric]) for c, r in zip(grids[arm], runs)], "index": best,
         }  # fmt: skip
-        finals[arm] = [runs[best]] + [
-            {**run(chosen.apply(settings), arm, seed, chosen.lr), "candidate": chosen.label} for seed in others
-        ]
-        log(f"  {ARM_TITLES[arm]}: {chosen.label} (on validation); test {metric} "
-            + ", ".join(f"{r['test'][metric]:.4f}" for r in finals[arm]))  # fmt: skip
+    chosen_of = {arm: grids[arm][selection[arm]["index"]] for arm in settings.arms}
+    seed_jobs = [(arm, (chosen_of[arm].apply(settings), arm, seed, chosen_of[arm].lr)) for arm in settings.arms
+                 for seed in others]  # fmt: skip
+    more = iter(run_all([job for _, job in seed_jobs]))
+    finals: dict[str, list[dict[str, Any]]] = {arm: [tried[arm][selection[arm]["index"]]] for arm in settings.arms}
+    for arm, _ in seed_jobs:
+        finals[arm].append({**next(more), "candidate": chosen_of[arm].label})
+    for arm, runs in finals.items():
+        log(f"  {ARM_TITLES[arm]}: {chosen_of[arm].label} (on validation); test {metric} "
+            + ", ".join(f"{r['test'][metric]:.4f}" for r in runs))  # fmt: skip
     return selection, finals
+
+
+def run_jobs(function: Callable[..., dict[str, Any]], jobs: list[tuple], extra: tuple, settings: CompareSettings):
+    """``function(*job, *extra)`` for every job: in this process, or one fresh process each, ``settings.jobs`` at once.
+
+    A fresh process per run keeps each run's peak RSS its own; with ``jobs > 1`` runs share the CPU cores.
+    """
+    if not settings.isolate:
+        return [function(*job, *extra) for job in jobs]
+    if settings.jobs == 1:
+        return [run_in_child(function, *job, *extra) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        return list(pool.map(function, *zip(*[(*job, *extra) for job in jobs])))
 
 
 def compare(settings: CompareSettings, task: TextTask | None = None, command: str | None = None) -> dict[str, Any]:
@@ -118,11 +142,10 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
                   f"K={settings.start_step}; lr grids {settings.lr_grid}; seeds {settings.seeds}")  # fmt: skip
     started = time.perf_counter()
 
-    def run(candidate_settings: CompareSettings, arm: Arm, seed: int, lr: float) -> dict[str, Any]:
-        args = (candidate_settings, arm, seed, lr, model_path, task)
-        return run_in_child(train_classifier, *args) if settings.isolate else train_classifier(*args)
+    def run_all(jobs: list[tuple]) -> list[dict[str, Any]]:
+        return run_jobs(train_classifier, jobs, (model_path, task), settings)
 
-    selection, finals = select_and_train(settings, run, "macro_f1", task.fingerprint("validation"), console.print)
+    selection, finals = select_and_train(settings, run_all, "macro_f1", task.fingerprint("validation"), console.print)
     seconds = time.perf_counter() - started
     task_info = {"source": task.source, "model": model_path, "label_names": task.label_names, "sizes": sizes,
                  "splits": {s: task.fingerprint(s) for s in ("train", "validation", "test")},

@@ -95,7 +95,7 @@ def _cell(pair: tuple[float, float], n: int, spec: str = ".4f", scale: float = 1
 def table_rows(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = [
         "arm",
-        "lr (chosen on validation)",
+        "chosen on validation",
         "test macro-F1",
         "test accuracy",
         "validation macro-F1",
@@ -112,7 +112,7 @@ def table_rows(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[list
         rows.append(
             [
                 ARM_TITLES[arm],
-                f"{e['lr']:g}",
+                e["choice"],
                 _cell(e["test_macro_f1"], n),
                 _cell(e["test_accuracy"], n),
                 _cell(e["validation_macro_f1"], n),

@@ -86,25 +86,27 @@ def build_classifier(model_path: str, task: TextTask, arm: Arm, settings: Compar
 
 
 class RunProgress(TrainerCallback):
-    """One rich progress bar per run, and the wall time of every optimizer step (Delta-LoRA's W update included)."""
+    """One progress bar per run (rich), and the wall time of every optimizer step (Delta-LoRA's W update included).
 
-    def __init__(self, description: str) -> None:
-        self.description = description
+    With ``live=False`` (runs in parallel processes sharing one terminal) it prints one line when the run ends.
+    """
+
+    def __init__(self, description: str, live: bool = True) -> None:
+        self.description, self.live = description, live
         self.step_times: list[float] = []
-        self._t0 = 0.0
+        self.status = ""
+        self._t0 = self._started = 0.0
         self._progress: Any = None
         self._task: Any = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+        if not self.live:
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"),
-        )
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[status]}"))  # fmt: skip
         self._progress.start()
         self._task = self._progress.add_task(self.description, total=state.max_steps, status="")
 
@@ -113,16 +115,25 @@ class RunProgress(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times.append(time.perf_counter() - self._t0)
-        self._progress.update(self._task, completed=state.global_step)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self._progress.update(self._task, status=f"loss {logs['loss']:.3f}")
+            self.status = f"loss {logs['loss']:.3f}"
         elif logs and "eval_macro_f1" in logs:
-            self._progress.update(self._task, status=f"validation macro-F1 {logs['eval_macro_f1']:.3f}")
+            self.status = f"validation macro-F1 {logs['eval_macro_f1']:.3f}"
+        if self._progress is not None:
+            self._progress.update(self._task, status=self.status)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._progress.stop()
+        if self._progress is not None:
+            self._progress.stop()
+        else:
+            from rich import print as rich_print
+
+            seconds = time.perf_counter() - self._started
+            rich_print(f"{self.description} {state.global_step} steps in {seconds:.0f} s, {self.status}")
 
 
 class _Encoded(torch.utils.data.Dataset):
@@ -170,7 +181,10 @@ def train_classifier(
         predicted = np.argmax(logits, axis=-1).tolist()
         return classification_scores(predicted, np.asarray(prediction.label_ids).tolist(), len(task.label_names))
 
-    progress = RunProgress(f"{arm:11s} seed {seed} lr {lr:<7g}")
+    live = not settings.isolate or settings.jobs == 1
+    progress = RunProgress(
+        f"{arm:11s} seed {seed} lr {lr:<7g} λ={settings.update_ratio:g} K={settings.start_step}", live
+    )
     callbacks: list[TrainerCallback] = [progress]
     if arm == "deltalora":
         callbacks.insert(0, deltalora_hf.DeltaLoRACallback(seed=seed))

@@ -49,6 +49,7 @@ class CompareSettings:
             to lora-scaled's, whose alpha follows λ); ``None``: only ``update_ratio`` / ``start_step``.
         eval_every: steps between validation evaluations (the curve); ``None``: ``steps // 2``.
         isolate: train each run in a fresh process, so that its peak RSS is its own.
+        jobs: runs trained at once (each in its own process, with ``threads`` threads); only with ``isolate``.
         threads: ``torch.set_num_threads`` per run; ``None``: torch's default. 1 by default: on the shared 2-core
             machine used here, 2 threads made a step 2-4x slower than 1.
         verbose: print Trainer's per-step log dicts.
@@ -81,6 +82,7 @@ class CompareSettings:
     sweep_start_step: list[int] | None = None
     target_modules: list[str] | None = None
     isolate: bool = True
+    jobs: int = 2
     threads: int | None = 1
     verbose: bool = False
 
@@ -88,6 +90,8 @@ class CompareSettings:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"--arms must be a subset of {', '.join(ARMS)}; got {self.arms}")
+        if self.jobs < 1:
+            raise ValueError("--jobs must be at least 1")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
         if self.threads == 0:
