@@ -38,6 +38,7 @@ from deltalora_hf.compare.measure import (
     fingerprint,
     format_mean_std,
     peak_rss_bytes,
+    reset_peak_rss,
     snapshot,
     targeted_base_weights,
     weight_change,
@@ -176,6 +177,7 @@ def train_generator(settings: CompareSettings, arm: Arm, seed: int, lr: float, m
         torch.set_num_threads(settings.threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    reset_peak_rss()
     transformers.set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -246,7 +246,7 @@ def test_statistics_and_metrics():
 
 
 def test_sweeps_enter_the_selection_grid():
-    settings = compare.CompareSettings(arms=["lora", "lora-scaled", "deltalora"], lr_grid={"lora": [1e-3, 2e-3]},
+    settings = compare.CompareSettings(arms=["lora", "lora-scaled", "deltalora"], lr_grid=dict.fromkeys(["lora", "lora-scaled", "deltalora"], (1e-3, 2e-3)),
                                        sweep_update_ratio=[0.5, 2.0], sweep_start_step=[0, 5], steps=20)  # fmt: skip
     grids = {arm: protocol.candidates(settings, arm) for arm in settings.arms}
     assert [c.label for c in grids["lora"]] == ["lr=0.001", "lr=0.002"]

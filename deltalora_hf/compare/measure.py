@@ -1,16 +1,15 @@
-"""Helpers shared by ``compare`` and the benchmarks: weight snapshots, memory, statistics, child processes."""
+"""Helpers shared by ``compare`` and the benchmarks: weight snapshots, memory, statistics, split fingerprints."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import math
-import multiprocessing
 import resource
 import statistics
 import sys
-import traceback
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -64,8 +63,33 @@ def fingerprint(items: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement in this process (Linux >= 4.0; elsewhere the peak stays cumulative).
+
+    Freed heap is handed back to the OS first (``malloc_trim``), so that an earlier run in the same worker process
+    does not hide in the next run's peak.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (the whole run when it has a process of its own)."""
+    """Peak resident set size of this process since :func:`reset_peak_rss` (``VmHWM``), else since it started."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -102,33 +126,3 @@ def paired_difference(values: Sequence[float], reference: Sequence[float], level
         "n": n,
         "excludes_zero": bool(n > 1 and (mean - half > 0 or mean + half < 0)),
     }
-
-
-def _child(connection: Any, function: Callable[..., Any], args: tuple) -> None:
-    try:
-        connection.send(("ok", function(*args)))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        connection.send(("error", traceback.format_exc()))
-    finally:
-        connection.close()
-
-
-def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
-    """``function(*args)`` in a fresh (spawned) process, so that its peak memory is its own.
-
-    ``function`` must be importable by name (module level) and its arguments and result picklable.
-    """
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(child, function, args))
-    process.start()
-    child.close()
-    try:
-        status, payload = parent.recv()
-    except EOFError:
-        process.join()
-        raise RuntimeError(f"{function.__name__} died in its child process (exit code {process.exitcode})") from None
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"{function.__name__} failed in its child process:\n{payload}")
-    return payload

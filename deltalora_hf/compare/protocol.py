@@ -17,7 +17,6 @@ from typing import Any
 
 from . import report
 from .data import TextTask, load_task, resolve_model
-from .measure import run_in_child
 from .run import train_classifier
 from .settings import ARM_TITLES, Arm, CompareSettings
 
@@ -104,18 +103,17 @@ def select_and_train(
 
 
 def run_jobs(function: Callable[..., dict[str, Any]], jobs: list[tuple], extra: tuple, settings: CompareSettings):
-    """``function(*job, *extra)`` for every job: in this process, or one fresh process each, ``settings.jobs`` at once.
+    """``function(*job, *extra)`` for every job, in order: in this process, or in ``settings.jobs`` worker processes.
 
-    A fresh process per run keeps each run's peak RSS its own; with ``jobs > 1`` runs share the CPU cores.
+    Workers are spawned once and reused; each run resets the worker's peak-RSS counter when it starts
+    (:func:`~deltalora_hf.compare.measure.reset_peak_rss`), so that the reported peak is that run's own.
     """
     if not settings.isolate:
         return [function(*job, *extra) for job in jobs]
-    if settings.jobs == 1:
-        return [run_in_child(function, *job, *extra) for job in jobs]
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=context, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(max_workers=min(settings.jobs, len(jobs)) or 1, mp_context=context) as pool:
         return list(pool.map(function, *zip(*[(*job, *extra) for job in jobs])))
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .data import TextTask
-from .measure import peak_rss_bytes, snapshot, targeted_base_weights, weight_change
+from .measure import peak_rss_bytes, reset_peak_rss, snapshot, targeted_base_weights, weight_change
 from .metrics import classification_scores
 from .settings import Arm, CompareSettings
 
@@ -164,6 +164,7 @@ def train_classifier(
         torch.set_num_threads(settings.threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # no weight-loading bars: one progress bar per run
+    reset_peak_rss()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model, targets = build_classifier(model_path, task, arm, settings, seed)
     if tokenizer.pad_token is None:
