@@ -167,6 +167,14 @@ def console():
     return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
 
 
+def _load() -> str:
+    """The 1/5/15-minute load averages: above the core count, other jobs shared the cores (slower steps)."""
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def environment() -> dict[str, Any]:
     import peft
     import torch
@@ -183,6 +191,7 @@ def environment() -> dict[str, Any]:
         "deltalora_hf": deltalora_hf.__version__,
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_end": _load(),
     }
 
 
@@ -255,8 +264,8 @@ def write_report(
             choices_table(selection, "macro-F1"),
             "",
             (
-                f"Total wall time {seconds:.0f} s ({os.cpu_count()} CPU cores). Plot: `curves.png`; every number: "
-                "`results.json`."
+                f"Total wall time {seconds:.0f} s ({os.cpu_count()} CPU cores, load average at the end {_load()}). "
+                "Plot: `curves.png`; every number: `results.json`."
             ),
             "",
         ]

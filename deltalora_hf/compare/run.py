@@ -130,10 +130,8 @@ class RunProgress(TrainerCallback):
         if self._progress is not None:
             self._progress.stop()
         else:
-            from rich import print as rich_print
-
             seconds = time.perf_counter() - self._started
-            rich_print(f"{self.description} {state.global_step} steps in {seconds:.0f} s, {self.status}")
+            print(f"{self.description} {state.global_step} steps in {seconds:.0f} s, {self.status}", flush=True)
 
 
 class _Encoded(torch.utils.data.Dataset):
