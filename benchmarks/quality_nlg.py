@@ -150,6 +150,7 @@ def generate(model, tok, words: list[str], max_new_tokens: int, batch_size: int)
     for i in range(0, len(words), batch_size):
         enc = tok([prompt_of(w) for w in words[i : i + batch_size]], return_tensors="pt", padding=True,
                   add_special_tokens=False).to(model.device)  # fmt: skip
+        enc = {key: enc[key] for key in ("input_ids", "attention_mask")}  # no token_type_ids for a causal LM
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip

@@ -7,6 +7,8 @@ import dataclasses
 import itertools
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +258,37 @@ def test_sweeps_enter_the_selection_grid():
     assert grids["deltalora"][-1].apply(settings).start_step == 5
     with pytest.raises(ValueError, match="start_step"):
         compare.CompareSettings(steps=10, sweep_start_step=[0, 9])
+
+
+def test_nlg_benchmark_runs_the_same_protocol(tmp_path, monkeypatch):
+    """``benchmarks/quality_nlg.py`` end to end on a tiny Llama with a tiny tokenizer and real WordNet glosses."""
+    if not Path(data.WORDNET_NOUNS).is_file():
+        pytest.skip("needs /usr/share/wordnet/data.noun (apt-get install wordnet-base)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "tiny-llama"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", "'", *WORDS]))
+    tok = BertTokenizer(vocab_file=str(model_dir / "vocab.txt"), eos_token="[SEP]", pad_token="[PAD]")
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality_nlg
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "quality_nlg.py", "--model-cache", str(model_dir), "--steps", "4", "--start-step", "1", "--batch-size", "4",
+        "--train-size", "16", "--validation-size", "4", "--test-size", "4", "--max-new-tokens", "3", "--seeds", "0", "1",
+        "--lr", "1e-3", "3e-3", "--no-isolate", "--eval-batch-size", "4", "--warmup-steps", "1", "--out", str(out),
+    ])  # fmt: skip
+    quality_nlg.main()
+    report = json.loads((out / "quality_nlg.json").read_text())
+    assert set(report["runs"]) == {"lora", "lora-scaled", "deltalora"}
+    assert all(len(runs) == 2 for runs in report["runs"].values())
+    assert report["runs"]["deltalora"][0]["w_change_norm"] > 0 == report["runs"]["lora-scaled"][0]["w_change_norm"]
+    assert {choice["metric"] for choice in report["selection"].values()} == {"validation rougeL"}
+    assert not set(report["words"]["validation"]) & set(report["words"]["test"])
