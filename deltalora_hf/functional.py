@@ -24,8 +24,9 @@ exact, so the accumulated change of W is unbiased.
 The factored mode adds the move to the output instead of W. With ``g = 1`` once anchored (0 before), a LoRA
 layer plus the move is ``s (1 + lambda g) B A x - lambda s B_K A_K x``: one ``B A x``. Its gradients for A and B
 must stay LoRA's (``s`` times), as in the paper where only the LoRA product is trained, while x must get the
-whole layer's gradient: :func:`scale_grad` (identity forward, scaled gradient) divides the gradient reaching
-``B A x`` by ``1 + lambda g`` and multiplies the one leaving it towards x by the same factor.
+whole layer's gradient: the layer computes ``[(1 + lambda g) s B', -lambda s B_K] [A'; A_K] x`` (one rank-2r
+product) with ``A' = scale_grad(A, 1 / (1 + lambda g))`` and likewise ``B'``: :func:`scale_grad` is the identity
+forward and scales the gradient, so A and B get ``s`` times their LoRA gradient and x the whole layer's.
 """
 
 from __future__ import annotations

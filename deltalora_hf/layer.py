@@ -443,17 +443,21 @@ class DeltaLoraLayer:
     def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """What adapter ``adapter`` adds to the base output: ``s B A x``, plus the move in factored mode.
 
-        Factored: ``(1 + lambda g) s B A x - lambda s B_K A_K x`` with one ``B A x``. The gradient reaching ``B A x``
-        is scaled by ``1 / (1 + lambda g)`` and the one leaving it towards x by ``1 + lambda g``, so A and B get
-        LoRA's gradients and x the whole layer's.
+        Factored: ``(1 + lambda g) s B A x - lambda s B_K A_K x`` as ONE rank-2r product,
+        ``[(1 + lambda g) s B', -lambda s B_K] [A'; A_K] x``, where ``A', B'`` are the factors with their gradient
+        scaled by ``1 / (1 + lambda g)`` (:func:`~deltalora_hf.functional.scale_grad`): A and B get LoRA's gradients,
+        x gets the whole layer's, and no activation-sized tensor is added beyond LoRA's.
         """
         s = self.scaling[adapter]
         if not self._factored(adapter):
             return s * self._lora_path(adapter, x)
-        grow = 1.0 + self.delta_update_ratio[adapter] * self.lora_anchored[adapter].to(torch.float32)
-        y = scale_grad(self._lora_path(adapter, scale_grad(x, grow)), 1.0 / grow)
-        anchor = self._factor_path(x, self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
-        return (s * grow).to(y.dtype) * y - self.move_scale(adapter) * anchor
+        a, b = used_in_forward(self, *self.lora_factors(adapter))
+        ratio = self.delta_update_ratio[adapter]
+        grow = 1.0 + ratio * self.lora_anchored[adapter].to(a.dtype)
+        a_cat = torch.cat([scale_grad(a, 1.0 / grow), self.lora_anchor_A[adapter].to(a.dtype)], dim=0)
+        b_moving = scale_grad(b, 1.0 / grow) * (s * grow).to(b.dtype)
+        b_cat = torch.cat([b_moving, (-ratio * s) * self.lora_anchor_B[adapter].to(b.dtype)], dim=1)
+        return self._factor_path(x, a_cat, b_cat)
 
     def _warn_if_not_driven(self) -> None:
         if self.delta_driven or self._delta_warned or not self.training or not torch.is_grad_enabled():
