@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,10 +206,12 @@ class DeltaLoraLayer:
 
     # -- the invariant ----------------------------------------------------------------------------------------
 
-    def applied_adapters(self) -> list[str]:
-        """The in-place adapters whose move W must hold: the active ones (the merged ones while merged)."""
-        adapters = self.merged_adapters if self.merged else self.active_adapters
-        return [a for a in adapters if a in self.delta_base_update and self._moves_w(a) and self.is_anchored(a)]
+    def applied_adapters(self, adapters: Iterable[str] | None = None) -> list[str]:
+        """Of ``adapters`` (default: the active ones, the merged ones while merged), those whose move W must hold:
+        anchored in-place adapters with lambda != 0."""
+        if adapters is None:
+            adapters = self.merged_adapters if self.merged else self.active_adapters
+        return [a for a in adapters if self._moves_w(a) and self.is_anchored(a)]
 
     def _tracked(self) -> tuple[tuple, list[torch.Tensor], list[torch.Tensor]]:
         """What the invariant depends on: plain values, tensors compared by identity + version, by identity only.
@@ -244,6 +246,11 @@ class DeltaLoraLayer:
             ref() is t for ref, t in zip(seen[2], identity)
         )
 
+    def _current_record(self, adapter: str) -> tuple[torch.Tensor, ...]:
+        """``(A, B, A_K, B_K)`` now: what the applied record becomes once W holds this adapter's move."""
+        a, b = (t.detach() for t in full_values(*self.lora_factors(adapter)))
+        return a, b, self.lora_anchor_A[adapter], self.lora_anchor_B[adapter]
+
     def _applied_record(self, adapter: str) -> tuple[torch.Tensor, ...] | None:
         if adapter not in self.lora_applied_A:
             return None
@@ -268,10 +275,8 @@ class DeltaLoraLayer:
         for adapter in dict.fromkeys([*self.lora_applied_A.keys(), *target]):
             record = self._applied_record(adapter)
             if adapter in target:
-                a, b = (t.detach() for t in full_values(*self.lora_factors(adapter)))
-                a_k, b_k = self.lora_anchor_A[adapter], self.lora_anchor_B[adapter]
+                new = a, b, a_k, b_k = self._current_record(adapter)
                 scale = self.move_scale(adapter)
-                new = (a, b, a_k, b_k)
                 if record is not None and self.delta_applied_scale[adapter] == scale:
                     if self._same_anchors(adapter, record):
                         moves.append(self._move(adapter, a, b, record[0], record[1], scale, new, incremental=True))
@@ -292,9 +297,7 @@ class DeltaLoraLayer:
         scale = self.delta_applied_scale[adapter]
         return self._move(adapter, record[2], record[3], record[0], record[1], scale, None, incremental=False)
 
-    def apply_base_move(
-        self, move: BaseMove, square: float, *, rounding: Rounding | None = None, generator=None
-    ) -> bool:
+    def apply_base_move(self, move: BaseMove, square: float, *, generator: torch.Generator | None = None) -> bool:
         """Carry out a planned move given its squared norm; return whether W was written."""
         if move.incremental and square == 0.0:
             return False  # nothing changed: W and the record stay
@@ -315,7 +318,7 @@ class DeltaLoraLayer:
                 move.v,
                 move.alpha,
                 transposed=self.weight_is_transposed,
-                rounding=rounding or self.delta_rounding.get(move.adapter, "stochastic"),
+                rounding=self.delta_rounding[move.adapter],
                 generator=generator if generator is not None else default_generator(weight.device),
             )
         self._set_record(move.adapter, move.record, move.alpha)
@@ -339,16 +342,11 @@ class DeltaLoraLayer:
                 store[adapter] = value.detach().clone()
         self.delta_applied_scale[adapter] = scale
 
-    def sync_base_weight(self, *, applied: Iterable[str] | None = None, generator=None) -> int:
+    def sync_base_weight(
+        self, *, applied: Iterable[str] | None = None, generator: torch.Generator | None = None
+    ) -> int:
         """Bring W to the invariant (for ``applied`` adapters, default: applied_adapters()); return W writes."""
-        if not hasattr(self, "lora_anchored"):
-            return 0
-        with torch.no_grad(), torch.inference_mode(False):
-            moves = self.plan_base_moves(applied=applied)
-            squares = torch.stack([m.square for m in moves]).tolist() if moves else []
-            written = sum(self.apply_base_move(m, sq, generator=generator) for m, sq in zip(moves, squares))
-        self._record_synced()
-        return written
+        return len(sync_layers([self], generator_for=lambda _: generator, applied=applied).written)
 
     def _ensure_synced(self) -> None:
         if not self.lora_applied_A and not any(self._moves_w(a) for a in self.delta_base_update):
@@ -383,9 +381,7 @@ class DeltaLoraLayer:
                 for adapter in list(module.lora_applied_A.keys()):
                     module._set_record(adapter, None, 0.0)
                 for adapter in module.applied_adapters():
-                    a, b = (t.detach() for t in full_values(*module.lora_factors(adapter)))
-                    record = (a, b, module.lora_anchor_A[adapter], module.lora_anchor_B[adapter])
-                    module._set_record(adapter, record, module.move_scale(adapter))
+                    module._set_record(adapter, module._current_record(adapter), module.move_scale(adapter))
             module._anchored_cache.clear()
             module._record_synced()
             return
@@ -406,8 +402,7 @@ class DeltaLoraLayer:
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = lora_layer.check_adapters_to_merge(self, adapter_names)
         if names:
-            merged = [*self.merged_adapters, *names]
-            self.sync_base_weight(applied=[a for a in merged if self._moves_w(a) and self.is_anchored(a)])
+            self.sync_base_weight(applied=self.applied_adapters([*self.merged_adapters, *names]))
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         self._record_synced()
 
@@ -495,6 +490,39 @@ class DeltaLoraLayer:
             if adapter in self.delta_base_update:
                 result = result + self._adapter_output(adapter, x).to(dtype)
         return result
+
+
+@dataclass
+class SyncResult:
+    """What :func:`sync_layers` did: the moves that wrote W, their total squared norm, the non-finite ones skipped."""
+
+    written: list[BaseMove]
+    norm_sq: float
+    skipped_nonfinite: int
+
+
+def sync_layers(
+    layers: Iterable[DeltaLoraLayer],
+    *,
+    generator_for: Callable[[DeltaLoraLayer], torch.Generator | None] = lambda _: None,
+    applied: Iterable[str] | None = None,
+) -> SyncResult:
+    """Bring every layer's W to its invariant, reading the norms of all planned moves with ONE host sync.
+
+    The one code path of every W change; the update after an optimizer step is this call (see the updater).
+    """
+    layers = list(layers)
+    with torch.no_grad(), torch.inference_mode(False):
+        moves = [move for layer in layers for move in layer.plan_base_moves(applied=applied)]
+        squares = torch.stack([m.square for m in moves]).tolist() if moves else []
+        wrote = [m.layer.apply_base_move(m, sq, generator=generator_for(m.layer)) for m, sq in zip(moves, squares)]
+    for layer in layers:
+        layer._record_synced()
+    return SyncResult(
+        written=[m for m, w in zip(moves, wrote) if w],
+        norm_sq=sum(sq for sq, w in zip(squares, wrote) if w),
+        skipped_nonfinite=sum(not math.isfinite(sq) for sq in squares),
+    )
 
 
 class Linear(DeltaLoraLayer, lora_layer.Linear):

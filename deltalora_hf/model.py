@@ -132,11 +132,7 @@ class DeltaLoraModel(LoraModel):
         """PEFT's ``merge_and_unload``; W first holds exactly the moves of the adapters being merged."""
         for layer in delta_lora_layers(self.model):
             names = layer.active_adapters if adapter_names is None else adapter_names
-            layer.sync_base_weight(
-                applied=[
-                    a for a in names if a in layer.delta_base_update and layer._moves_w(a) and layer.is_anchored(a)
-                ]
-            )
+            layer.sync_base_weight(applied=layer.applied_adapters(names))
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:

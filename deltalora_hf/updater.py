@@ -25,6 +25,7 @@ rounding.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 
 from ._distributed import check_writable_in_place, full_values
 from .functional import delta_factors, low_rank_frobenius_sq
-from .layer import DeltaLoraLayer
+from .layer import DeltaLoraLayer, sync_layers
 from .model import delta_lora_layers
 
 
@@ -55,6 +56,14 @@ def find_delta_lora_layers(model: nn.Module) -> list[DeltaLoraLayer]:
             "peft.get_peft_model(model, DeltaLoraConfig(...)) after `import deltalora_hf`."
         )
     return layers
+
+
+def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLayer, str]]:
+    """``(layer, adapter)`` for every active Delta-LoRA adapter with lambda != 0 (the ones whose W moves)."""
+    for layer in layers:
+        for adapter in layer.active_adapters:
+            if layer.delta_update_ratio.get(adapter, 0.0) != 0.0:
+                yield layer, adapter
 
 
 class DeltaLoraUpdater:
@@ -81,7 +90,7 @@ class DeltaLoraUpdater:
         self._generators: dict[torch.device, torch.Generator] = {}
         for layer in find_delta_lora_layers(model):
             layer.delta_driven = True  # silences the "training without an updater" warning
-            if any(layer._moves_w(a) for a in layer.active_adapters if a in layer.delta_base_update):
+            if any(layer._moves_w(a) for a in layer.active_adapters):
                 # refuse before any step, not at step K + 1
                 check_writable_in_place(layer.get_base_layer().weight, f"layer {type(layer).__name__}")
 
@@ -96,7 +105,7 @@ class DeltaLoraUpdater:
 
     def sync(self) -> int:
         """Bring every layer to its invariant (see :mod:`deltalora_hf.layer`); return the number of W writes."""
-        return sum(layer.sync_base_weight(generator=self._generator(layer)) for layer in self.layers())
+        return len(sync_layers(self.layers(), generator_for=self._generator).written)
 
     def step(self, step: int | None = None) -> UpdateStats:
         """Anchor where due, then move W for the optimizer step that was just taken.
@@ -109,35 +118,21 @@ class DeltaLoraUpdater:
         self.next_step = t + 1
         layers = self.layers()
         factored_moved, anchored_before = 0, False
-        with torch.no_grad():
-            for layer in layers:
-                layer.delta_driven = True
-                for adapter in layer.active_adapters:
-                    if adapter not in layer.delta_base_update or layer.delta_update_ratio[adapter] == 0:
-                        continue
-                    if not layer.is_anchored(adapter):
-                        if t >= layer.delta_start_step[adapter]:
-                            layer.set_anchor(adapter)
-                        continue
-                    anchored_before = True  # so this step moved its (effective) W, whichever updater applies it
-                    factored_moved += layer._factored(adapter)
-            moves = [move for layer in layers for move in layer.plan_base_moves()]
-            squares = torch.stack([m.square for m in moves]).tolist() if moves else []
-            moved, skipped, norm_sq = set(), 0, 0.0
-            for move, square in zip(moves, squares):
-                written = move.layer.apply_base_move(move, square, generator=self._generator(move.layer))
-                if written:
-                    moved.add(id(move.layer))
-                    norm_sq += square
-                skipped += not math.isfinite(square)
-        for layer in layers:
-            layer._record_synced()
+        for layer, adapter in _moving_adapters(layers):
+            layer.delta_driven = True
+            if not layer.is_anchored(adapter):
+                if t >= layer.delta_start_step[adapter]:
+                    layer.set_anchor(adapter)
+                continue
+            anchored_before = True  # so this step moved its (effective) W, whichever updater applies it
+            factored_moved += layer._factored(adapter)
+        result = sync_layers(layers, generator_for=self._generator)  # in place: W += lambda s (B'A' - BA)
         self.moves_in_run += anchored_before
         self.last = UpdateStats(
             step=t,
-            layers_moved=len(moved) + factored_moved,
-            update_norm=math.sqrt(norm_sq),
-            layers_skipped_nonfinite=skipped,
+            layers_moved=len({id(m.layer) for m in result.written}) + factored_moved,
+            update_norm=math.sqrt(result.norm_sq),
+            layers_skipped_nonfinite=result.skipped_nonfinite,
         )
         return self.last
 
@@ -145,33 +140,20 @@ class DeltaLoraUpdater:
         """Frobenius norm of the whole change of the targeted weights so far, ``W_eff - W_0`` (both modes)."""
         total = 0.0
         with torch.no_grad():
-            for layer in self.layers():
-                for adapter in layer.active_adapters:
-                    if adapter in layer.delta_base_update and layer.is_anchored(adapter):
-                        a, b = full_values(*layer.lora_factors(adapter))
-                        u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
-                        total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
+            for layer, adapter in _moving_adapters(self.layers()):
+                if layer.is_anchored(adapter):
+                    a, b = full_values(*layer.lora_factors(adapter))
+                    u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+                    total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
         return math.sqrt(total)
 
     def has_moved(self) -> bool:
         """Whether some active adapter is anchored with lambda > 0, i.e. its (effective) W moves."""
-        return any(
-            layer.is_anchored(a) and layer.delta_update_ratio[a] != 0
-            for layer in self.layers()
-            for a in layer.active_adapters
-            if a in layer.delta_base_update
-        )
+        return any(layer.is_anchored(a) for layer, a in _moving_adapters(self.layers()))
 
     def start_steps(self) -> list[int]:
         """The start steps of the active adapters whose W moves (lambda > 0)."""
-        return sorted(
-            {
-                layer.delta_start_step[a]
-                for layer in self.layers()
-                for a in layer.active_adapters
-                if a in layer.delta_base_update and layer.delta_update_ratio[a] != 0
-            }
-        )
+        return sorted({layer.delta_start_step[a] for layer, a in _moving_adapters(self.layers())})
 
     def _generator(self, layer: DeltaLoraLayer) -> torch.Generator:
         device = layer.get_base_layer().weight.device

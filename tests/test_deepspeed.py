@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,9 +31,8 @@ from .test_distributed import (
     initial_weights,
     max_difference,
     targeted,
+    torchrun,
 )
-
-ROOT = Path(__file__).parent.parent
 
 STEPS, START_STEP = 6, 2  # as in test_distributed: lambda = 0.5, s = 2, W moves on steps 3..5
 ZERO12 = ["zero1-inplace", "zero2-inplace", "zero2-factored", "zero2-factored-accumulate"]
@@ -65,17 +62,9 @@ def needs_deepspeed(test):
 def deepspeed_runs(tmp_path_factory) -> Path:
     """All configurations, trained in one 2-process launch."""
     out = tmp_path_factory.mktemp("deepspeed")
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),  # this checkout's deltalora_hf
-    )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m"]
     runs = ",".join(ZERO12 + ZERO3)
-    args = [
+    torchrun(
+        "deepspeed_trainer",
         "--out",
         str(out),
         "--runs",
@@ -86,18 +75,9 @@ def deepspeed_runs(tmp_path_factory) -> Path:
         str(STEPS),
         "--start-step",
         str(START_STEP),
-    ]
-    done = subprocess.run(
-        [*command, "tests.scripts.deepspeed_trainer", *args],
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=400,
-        check=False,
-        cwd=ROOT,
+        DS_ACCELERATOR="cpu",
     )
-    if done.returncode != 0:
-        pytest.fail(f"deepspeed_trainer.py failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
     return out
 
 

@@ -35,9 +35,9 @@ pytestmark = [
 ]
 
 
-def torchrun(script: str, *args: str, timeout: float = 150) -> None:
+def torchrun(script: str, *args: str, timeout: float = 150, **env_extra: str) -> None:
     """Run the module ``tests.scripts.<script>`` on WORLD processes; fail with the job's output if it fails."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m"]
     module = f"tests.scripts.{script.removesuffix('.py')}"
