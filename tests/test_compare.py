@@ -16,6 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from deltalora_hf import compare
 from deltalora_hf.compare import data, measure, metrics, protocol
+from deltalora_hf.compare.report import method_setting
 from deltalora_hf.compare.run import train_classifier
 from deltalora_hf.compare.settings import _parse_lr_grid
 
@@ -117,6 +118,8 @@ def test_compare_end_to_end_default_arms(tiny_setup, capsys):
     assert "'loss'" not in printed  # Trainer's per-step log dicts only with --verbose
 
     text = (out / "results.md").read_text()
+    # the command line of this call, not pytest's
+    assert f"Command: `python -m deltalora_hf compare --model {model_dir} --dataset {table}" in text
     for arm in compare.DEFAULT_ARMS:
         assert f"| {compare.ARM_TITLES[arm]} |" in text
     assert "Majority-class baseline" in text and "Paired differences" in text and "Validation choices" in text
@@ -263,6 +266,10 @@ def test_sweeps_enter_the_selection_grid():
     chosen = grids["lora-scaled"][-1].apply(settings)
     assert chosen.update_ratio == 2.0 and chosen.scaled_alpha == settings.lora_alpha * 3
     assert grids["deltalora"][-1].apply(settings).start_step == 5
+    # the report names the swept values, not the unswept defaults
+    assert "λ ∈ {0.5, 2}, K ∈ {0, 5}, chosen on validation" in method_setting(settings)
+    fixed = compare.CompareSettings(steps=20, update_ratio=1.0, start_step=3, lora_alpha=16)
+    assert method_setting(fixed) == "Delta-LoRA λ=1, K=3; LoRA, alpha·(1+λ): lora_alpha=32"
     with pytest.raises(ValueError, match="start_step"):
         compare.CompareSettings(steps=10, sweep_start_step=[0, 9])
 

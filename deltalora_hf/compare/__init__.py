@@ -11,6 +11,7 @@ splits), :mod:`.run` (one training run), :mod:`.protocol` (selection, seeds), :m
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -31,12 +32,16 @@ __all__ = [
 ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: ``deltalora-hf compare [options]`` (also ``python -m deltalora_hf compare``)."""
+def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
+    """Console entry point: ``deltalora-hf compare [options]`` (also ``python -m deltalora_hf compare``).
+
+    ``command`` is the command line written into the report; by default the one that ``argv`` stands for.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        compare(settings_from_args(args))
+        compare(settings_from_args(args), command=command or shlex.join(["python", "-m", "deltalora_hf", *argv]))
     except (SetupError, ValueError) as error:
         print(f"deltalora-hf {args.command}: {error}", file=sys.stderr)
         return 2

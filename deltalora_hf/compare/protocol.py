@@ -169,5 +169,5 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
         "splits": {s: task.fingerprint(s) for s in ("train", "validation", "test")},
         "majority_baseline": baseline,
     }
-    command = command or " ".join(shlex.quote(a) for a in ["python", "-m", "deltalora_hf", *sys.argv[1:]])
+    command = command or shlex.join(["python", "-m", "deltalora_hf", *sys.argv[1:]])
     return report.write_report(settings, task_info, selection, finals, seconds, command)

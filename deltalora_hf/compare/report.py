@@ -198,6 +198,16 @@ def environment() -> dict[str, Any]:
     }
 
 
+def method_setting(settings: CompareSettings) -> str:
+    """λ and K of Delta-LoRA and the control's alpha: the fixed values, or the swept ones (chosen on validation)."""
+    ratios, starts = settings.sweep_update_ratio, settings.sweep_start_step
+    ratio = f"λ ∈ {{{', '.join(f'{u:g}' for u in ratios)}}}" if ratios else f"λ={settings.update_ratio:g}"
+    start = f"K ∈ {{{', '.join(str(k) for k in starts)}}}" if starts else f"K={settings.start_step}"
+    swept = ", chosen on validation" if ratios or starts else ""
+    control = "the same λ values" if ratios else f"lora_alpha={settings.scaled_alpha:g}"
+    return f"Delta-LoRA {ratio}, {start}{swept}; LoRA, alpha·(1+λ): {control}"
+
+
 def write_report(
     settings: CompareSettings,
     task_info: dict[str, Any],
@@ -225,9 +235,8 @@ def write_report(
         f"model `{task_info['model']}`; task: {task_info['source']} ({len(task_info['label_names'])} classes, "
         f"{task_info['sizes']['train']} train / {task_info['sizes']['validation']} validation / "
         f"{task_info['sizes']['test']} test); {settings.steps} steps × batch {settings.batch_size}, max length "
-        f"{settings.max_length}, r={settings.r}, lora_alpha={settings.lora_alpha:g} (LoRA, alpha·(1+λ): "
-        f"{settings.scaled_alpha:g}), lora_dropout=0; Delta-LoRA λ={settings.update_ratio:g}, "
-        f"K={settings.start_step}; seeds {settings.seeds}"
+        f"{settings.max_length}, r={settings.r}, lora_alpha={settings.lora_alpha:g}, lora_dropout=0; "
+        f"{method_setting(settings)}; seeds {settings.seeds}"
     )
     words = [verdict(d, "macro-F1") for d in diffs if d["metric"] == "macro_f1"]
     text = "\n".join(
