@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,13 +38,12 @@ from deltalora_hf.compare.measure import (
     fingerprint,
     format_mean_std,
     peak_rss_bytes,
-    reset_peak_rss,
     snapshot,
     targeted_base_weights,
     weight_change,
 )
 from deltalora_hf.compare.metrics import generation_scores
-from deltalora_hf.compare.run import RunProgress, adapter_config
+from deltalora_hf.compare.run import adapter_config, fit, run_callbacks, start_process, training_arguments
 from deltalora_hf.compare.settings import ARM_TITLES, Arm, CompareSettings
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -204,15 +202,9 @@ def train_generator(
     import peft
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-    import deltalora_hf
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    reset_peak_rss()
+    start_process(settings)
     transformers.set_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -221,38 +213,22 @@ def train_generator(
     if arm != "full":
         model = peft.get_peft_model(model, adapter_config(arm, settings, targets, "CAUSAL_LM"))
     w0 = snapshot(targeted_base_weights(model, targets))
-    progress = RunProgress(f"{arm:11s} seed {seed} lr {lr:<7g}", live=not settings.isolate or settings.jobs == 1)
-    callbacks = [progress] + ([deltalora_hf.DeltaLoRACallback(seed=seed)] if arm == "deltalora" else [])
-    args = TrainingArguments(
-        output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), f"quality_nlg_{arm}_s{seed}"),
-        max_steps=settings.steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="linear",
-        warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay,
+    args = training_arguments(
+        settings,
+        seed,
+        lr,
+        os.path.join(os.environ.get("TMPDIR", "/tmp"), f"quality_nlg_{arm}_s{seed}"),
         logging_steps=max(1, settings.steps // 50),
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=settings.data_seed,
         remove_unused_columns=False,
-        use_cpu=device == "cpu",
-        disable_tqdm=True,
     )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=encode_pairs(tok, data.train_pairs, settings.max_length),
         data_collator=lambda batch: collate(batch, tok.pad_token_id),
-        callbacks=callbacks,
+        callbacks=run_callbacks(arm, seed, f"{arm:11s} seed {seed} lr {lr:<7g}", settings),
     )
-    if not settings.verbose:
-        trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - started
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    trained = fit(trainer, settings)
     validation, _ = score_words(model, tok, data.words["validation"], data, max_new_tokens, settings.eval_batch_size)
     test, samples = score_words(model, tok, data.words["test"], data, max_new_tokens, settings.eval_batch_size)
     return {
@@ -261,12 +237,8 @@ def train_generator(
         "lr": lr,
         "validation": validation,
         "test": test,
-        "train_loss_final": statistics.fmean(loss for _, loss in losses[-max(1, len(losses) // 10) :]),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "median_step_s": statistics.median(progress.step_times),
-        "train_seconds": train_seconds,
+        **trained,
         "peak_rss_bytes": peak_rss_bytes(),
-        "loss_curve": losses,
         "samples": [{"word": w, "prediction": p} for w, p in zip(data.words["test"][:8], samples)],
         **weight_change(w0, targeted_base_weights(model, targets)),
     }

@@ -20,6 +20,8 @@ from deltalora_hf.compare.report import method_setting
 from deltalora_hf.compare.run import train_classifier
 from deltalora_hf.compare.settings import _parse_lr_grid
 
+from .helpers import tiny_llama
+
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "blue", "green", "red", "cat", "dog", "tree", "car"]
 CLASSES = {"pos": WORDS[0:3], "neg": WORDS[3:6], "color": WORDS[6:9]}
 FILLER = WORDS[9:]
@@ -278,25 +280,14 @@ def test_nlg_benchmark_runs_the_same_protocol(tmp_path, monkeypatch):
     """``benchmarks/quality_nlg.py`` end to end on a tiny Llama with a tiny tokenizer and real WordNet glosses."""
     if not Path(data.WORDNET_NOUNS).is_file():
         pytest.skip("needs /usr/share/wordnet/data.noun (apt-get install wordnet-base)")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     model_dir = tmp_path / "tiny-llama"
     model_dir.mkdir()
     (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", "'", *WORDS]))
     tok = BertTokenizer(vocab_file=str(model_dir / "vocab.txt"), eos_token="[SEP]", pad_token="[PAD]")
     tok.save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    tiny_llama(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(
+        model_dir
     )
-    LlamaForCausalLM(config).save_pretrained(model_dir)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import quality_nlg
 

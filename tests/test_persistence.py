@@ -214,18 +214,7 @@ def test_loading_into_a_base_with_other_shapes_fails_clearly_and_changes_nothing
     model = get_peft_model(tiny_llama(), _config())
     _train(model, tmp_path / "run", 6, lm_rows(24))
     model.save_pretrained(tmp_path / "adapter")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=97,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    other = tiny_llama(hidden_size=48)  # same architecture, other shapes
     w_other = {n: p.clone() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match="other shapes"):
         PeftModel.from_pretrained(other, tmp_path / "adapter")

@@ -139,6 +139,67 @@ class RunProgress(TrainerCallback):
             print(f"{self.description} {state.global_step} steps in {seconds:.0f} s, {self.status}", flush=True)
 
 
+def start_process(settings: CompareSettings) -> None:
+    """Per-run process setup: torch threads, transformers quiet (one progress bar per run), peak RSS reset."""
+    import transformers
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # no weight-loading bars: one progress bar per run
+    reset_peak_rss()
+
+
+def run_callbacks(arm: Arm, seed: int, description: str, settings: CompareSettings) -> list[TrainerCallback]:
+    """``[DeltaLoRACallback (deltalora only), RunProgress]``: the progress line of the run and the W update."""
+    import deltalora_hf
+
+    progress = RunProgress(description, live=not settings.isolate or settings.jobs == 1)
+    return ([deltalora_hf.DeltaLoRACallback(seed=seed)] if arm == "deltalora" else []) + [progress]
+
+
+def training_arguments(settings: CompareSettings, seed: int, lr: float, output_dir: str, **extra: Any):
+    """The ``TrainingArguments`` every arm and benchmark shares (linear schedule, no saving, no reporting)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=settings.data_seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+def fit(trainer, settings: CompareSettings) -> dict[str, Any]:
+    """Train (Trainer's per-step log dicts only with ``verbose``); the timing and loss fields of the run's result."""
+    from transformers import PrinterCallback
+
+    if not settings.verbose:
+        trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - started
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    progress = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RunProgress))
+    return {
+        "train_loss_final": statistics.fmean(loss for _, loss in losses[-max(1, len(losses) // 10) :]),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "median_step_s": statistics.median(progress.step_times),
+        "train_seconds": train_seconds,
+        "loss_curve": losses,
+    }
+
+
 class _Encoded(torch.utils.data.Dataset):
     """Tokenized texts with labels."""
 
@@ -157,17 +218,10 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` and ``lr``; evaluate on validation (curve and final) and once on test."""
     import numpy as np
-    import transformers
     from peft.optimizers import create_loraplus_optimizer
-    from transformers import AutoTokenizer, DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
-    import deltalora_hf
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # no weight-loading bars: one progress bar per run
-    reset_peak_rss()
+    start_process(settings)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model, targets = build_classifier(model_path, task, arm, settings, seed)
     if tokenizer.pad_token is None:
@@ -185,13 +239,9 @@ def train_classifier(
         predicted = np.argmax(logits, axis=-1).tolist()
         return classification_scores(predicted, np.asarray(prediction.label_ids).tolist(), len(task.label_names))
 
-    live = not settings.isolate or settings.jobs == 1
-    progress = RunProgress(
-        f"{arm:11s} seed {seed} lr {lr:<7g} λ={settings.update_ratio:g} K={settings.start_step}", live
+    callbacks = run_callbacks(
+        arm, seed, f"{arm:11s} seed {seed} lr {lr:<7g} λ={settings.update_ratio:g} K={settings.start_step}", settings
     )
-    callbacks: list[TrainerCallback] = [progress]
-    if arm == "deltalora":
-        callbacks.insert(0, deltalora_hf.DeltaLoRACallback(seed=seed))
     optimizer = None
     if arm == "loraplus":
         optimizer = create_loraplus_optimizer(
@@ -201,25 +251,16 @@ def train_classifier(
             loraplus_lr_ratio=settings.loraplus_lr_ratio,
             weight_decay=settings.weight_decay,
         )
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix=f"deltalora-compare-{arm}-"),
-        max_steps=settings.steps,
-        per_device_train_batch_size=settings.batch_size,
+    args = training_arguments(
+        settings,
+        seed,
+        lr,
+        tempfile.mkdtemp(prefix=f"deltalora-compare-{arm}-"),
         per_device_eval_batch_size=settings.eval_batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="linear",
-        warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay,
         eval_strategy="steps",
         eval_steps=settings.eval_every,
         logging_steps=max(1, settings.steps // 25),
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=settings.data_seed,
         dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
     )
     trainer = Trainer(
         model=model,
@@ -231,16 +272,11 @@ def train_classifier(
         callbacks=callbacks,
         optimizers=(optimizer, None),
     )
-    if not settings.verbose:
-        trainer.remove_callback(PrinterCallback)
-    started = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - started
+    trained = fit(trainer, settings)
     history = trainer.state.log_history
     last = next((h for h in reversed(history) if "eval_macro_f1" in h), None)
     validation = last if last is not None and last["step"] == settings.steps else trainer.evaluate()
     test = trainer.predict(encoded("test"), metric_key_prefix="test").metrics  # the only look at the test split
-    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     result: dict[str, Any] = {
         "arm": arm,
         "seed": seed,
@@ -257,15 +293,11 @@ def train_classifier(
             "loss": test["test_loss"],
             "split": task.fingerprint("test"),
         },
-        "train_loss_final": statistics.fmean(loss for _, loss in losses[-max(1, len(losses) // 10) :]),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **trained,
         "total_params": sum(p.numel() for p in model.parameters()),
         "target_modules": targets,
-        "median_step_s": statistics.median(progress.step_times),
-        "train_seconds": train_seconds,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "loss_curve": losses,
         "validation_curve": [(h["step"], h["eval_macro_f1"]) for h in history if "eval_macro_f1" in h],
         **weight_change(w0, targeted_base_weights(model, targets)),
     }
