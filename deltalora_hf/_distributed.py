@@ -92,6 +92,26 @@ def used_in_forward(module: torch.nn.Module, *params: torch.Tensor) -> tuple[tor
     return params
 
 
+def write_full_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """In place: ``param = value`` where ``value`` is the whole (same on every rank) value of ``param``.
+
+    A ZeRO-3 parameter is gathered, written and partitioned again (a collective: every rank must call it, in the
+    same order); a DTensor takes its own shard of ``value``; anything else is a plain ``copy_``.
+    """
+    if is_zero3(param):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value)
+        return
+    if is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        param.copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements))
+        return
+    param.copy_(value)
+
+
 def is_main_process() -> bool:
     """Rank 0 of an initialized ``torch.distributed`` job, or a process that is not part of one."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

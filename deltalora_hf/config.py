@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 from peft import LoraConfig
 
@@ -140,3 +143,47 @@ class DeltaLoraConfig(LoraConfig):
                 "such as PiSSA, OLoRA, CorDA or LoftQ rewrite W before training, so the original base no longer "
                 f"reproduces the model. Use one of {_SUPPORTED_INITS}."
             )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """``LoraConfig.save_pretrained``, plus a section in the folder's model card (``README.md``) that says what
+        the adapter is and how to load it (PEFT writes its own card first; this section is replaced, not repeated)."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card_section(Path(save_directory), self)
+
+
+_CARD_START, _CARD_END = "<!-- deltalora-hf -->", "<!-- /deltalora-hf -->"
+
+
+def model_card_section(config: DeltaLoraConfig) -> str:
+    """The model-card text of a saved Delta-LoRA adapter: the library, its settings, how to load, how to export."""
+    return f"""{_CARD_START}
+## Delta-LoRA adapter (deltalora-hf)
+
+Trained with [deltalora-hf](https://pypi.org/project/deltalora-hf/): Delta-LoRA (Zi et al., 2023, arXiv:2309.02411),
+LoRA whose base weight W also moves. The file holds the LoRA factors `A`, `B` and the anchors `A_K`, `B_K`; the
+trained model is `W_0 + s*B*A + lambda*s*(B*A - B_K*A_K)` on the original base model (`s = lora_alpha / r`).
+
+- update ratio lambda = {config.update_ratio}, start step K = {config.start_step}, base update mode
+  `{config.base_update}`, r = {config.r}, lora_alpha = {config.lora_alpha}
+
+Load it with the library imported (plain PEFT stops with `KeyError: '{config.peft_type.value}'`):
+
+```python
+import deltalora_hf  # pip install deltalora-hf
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")
+```
+
+For tools that only know LoRA (plain PEFT, vLLM, TGI), export the same model as a standard LoRA adapter of rank
+`2r`: `deltalora_hf.export_lora(model, "adapter-lora")`. Do not change `peft_type` to `LORA` by hand: plain LoRA
+would ignore the anchors and give a different model.
+{_CARD_END}
+"""
+
+
+def write_model_card_section(folder: Path, config: DeltaLoraConfig) -> None:
+    card = folder / "README.md"
+    text = card.read_text() if card.exists() else ""
+    text = re.sub(re.escape(_CARD_START) + r".*?" + re.escape(_CARD_END) + r"\n?", "", text, flags=re.S)
+    card.write_text(text.rstrip("\n") + ("\n\n" if text.strip() else "") + model_card_section(config))

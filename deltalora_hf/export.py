@@ -32,7 +32,7 @@ def exported_factors(layer: DeltaLoraLayer, adapter_name: str) -> tuple[torch.Te
     a, b = layer.lora_factors(adapter_name)
     ratio = layer.delta_update_ratio[adapter_name]
     a_k, b_k = layer.lora_anchor_A[adapter_name], layer.lora_anchor_B[adapter_name]
-    if not layer.is_anchored(adapter_name):
+    if not bool(layer.lora_anchored[adapter_name]):  # the value, not a cache: it may have been written directly
         ratio, a_k, b_k = 0.0, torch.zeros_like(a), torch.zeros_like(b)
     a_out = torch.cat([a, a_k.to(a.dtype)], dim=0)
     b_out = torch.cat([(1 + ratio) * b, -ratio * b_k.to(b.dtype)], dim=1)
@@ -86,7 +86,7 @@ def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_nam
             n: m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer) and adapter_name in m.lora_anchored
         }
         state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-        state = {k: v for k, v in state.items() if not k.rsplit(".", 1)[-1].startswith("lora_anchor")}
+        state = {k: v for k, v in state.items() if not any(part.startswith("lora_anchor") for part in k.split("."))}
         for name, layer in layers.items():
             a, b = exported_factors(layer, adapter_name)
             if f"{name}.lora_A.weight" in state:

@@ -127,7 +127,9 @@ def add_low_rank_(
     """
     left, right = (v.T, u.T) if transposed else (u, v)
     if weight.dtype in (torch.float32, torch.float64):
-        return weight.addmm_(left.to(weight.dtype), right.to(weight.dtype), alpha=alpha)
+        if left.dtype != weight.dtype or right.dtype != weight.dtype:
+            left, right = left.to(weight.dtype), right.to(weight.dtype)
+        return weight.addmm_(left, right, alpha=alpha)
     if not weight.is_floating_point():
         raise TypeError(f"cannot update a {weight.dtype} weight in place.")
     left, right = left.float(), right.float()

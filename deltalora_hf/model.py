@@ -10,9 +10,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import invariant
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, is_bnb_layer
 from .config import BaseUpdate, DeltaLoraConfig
 from .layer import SUPPORTED_BASE_LAYERS, DeltaLoraLayer, Embedding, Linear
+
+# v0.2 saved the anchors as buffers, without the ".weight" of the parameters they are now
+_LEGACY_ANCHOR_KEYS = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
 
 
 def _base_layer(target: nn.Module) -> nn.Module:
@@ -112,21 +116,44 @@ class DeltaLoraModel(LoraModel):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check every tensor's shape before anything is loaded, so a mismatch leaves the model untouched."""
+        """Check every tensor's shape before anything is loaded; on a mismatch, take the half-created adapter out
+        again (and unwrap the base if it was the only one) and name what differs: the rank or the base."""
+        state_dict = {_current_anchor_key(k): _current_anchor_value(k, v) for k, v in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         current = model.state_dict()
         mismatched = [
-            f"{key}: saved {tuple(value.shape)}, model {tuple(current[key].shape)}"
+            (key, tuple(value.shape), tuple(current[key].shape))
             for key, value in remapped.items()
             if key in current and tuple(current[key].shape) != tuple(value.shape)
         ]
         if mismatched:
-            raise ValueError(
-                f"The Delta-LoRA adapter '{adapter_name}' was saved for a base model with other shapes, so it cannot "
-                "be loaded into this one (nothing was changed). Load it onto the base it was trained on. "
-                "Mismatches: " + "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else "")
-            )
+            remove_adapter_everywhere(model, adapter_name)
+            raise ValueError(_mismatch_message(adapter_name, config, mismatched))
         return remapped
+
+    def set_adapter(self, adapter_name, *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``set_adapter``; then W holds exactly the new active adapters' moves (one grouped sync)."""
+        super().set_adapter(adapter_name, *args, **kwargs)
+        invariant.sync_layers(delta_lora_layers(self.model))
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs):
+        """PEFT's ``add_weighted_adapter`` for adapters whose W has not moved; refused (nothing changed) otherwise.
+
+        PEFT combines the low-rank products ``s B A``. An adapter whose W has moved (anchored, ``update_ratio`` > 0)
+        is more than that product, so the combination would silently differ from the trained adapters.
+        """
+        layers = delta_lora_layers(self.model)
+        invariant.refresh_flags(layers)
+        moved = sorted({a for layer in layers for a in adapters if a in layer.delta_update_ratio and _moved(layer, a)})
+        if moved:
+            raise ValueError(
+                f"add_weighted_adapter cannot combine the Delta-LoRA adapter(s) {', '.join(moved)}: their W has moved "
+                "(anchored, update_ratio > 0), so each one is W_0 + s*B*A + lambda*s*(B*A - B_K*A_K), not the plain "
+                "LoRA product s*B*A that add_weighted_adapter combines. Nothing was changed. Export each adapter with "
+                "deltalora_hf.export_lora(model, path, adapter_name=...) (a plain LoRA of rank 2r on the original "
+                "base), load the exports into a plain PEFT model of the original base, and combine those."
+            )
+        return super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """PEFT's ``merge_and_unload``; W first holds exactly the moves of the adapters being merged."""
@@ -142,3 +169,65 @@ class DeltaLoraModel(LoraModel):
                 layer.unmerge()
             layer.sync_base_weight(applied=[])
         return super().unload()
+
+
+def _moved(layer: DeltaLoraLayer, adapter: str) -> bool:
+    return layer.delta_update_ratio[adapter] != 0.0 and layer.is_anchored(adapter)
+
+
+def _current_anchor_key(key: str) -> str:
+    return f"{key}.weight" if key.rsplit(".", 1)[-1] in _LEGACY_ANCHOR_KEYS else key
+
+
+def _current_anchor_value(key: str, value: torch.Tensor) -> torch.Tensor:
+    if key.rsplit(".", 1)[-1] == "lora_anchored":
+        return value.reshape(1).float()  # v0.2: a 0-dim bool buffer
+    return value
+
+
+def _mismatch_message(adapter_name: str, config, mismatched: list[tuple[str, tuple, tuple]]) -> str:
+    """Name what differs: the rank the config gives against the saved tensors', or the base's shapes."""
+    ranks = set()
+    for key, saved, model in mismatched:
+        name = key.rsplit(".", 3)
+        factor = next((part for part in name if part.startswith("lora_")), "")
+        if len(saved) == 2 and len(model) == 2:
+            rank_dim = 1 if factor in ("lora_B", "lora_anchor_B", "lora_embedding_B") else 0
+            other = 1 - rank_dim
+            if saved[other] == model[other] and saved[rank_dim] != model[rank_dim]:
+                ranks.add((saved[rank_dim], model[rank_dim]))
+                continue
+        ranks.add(None)
+    details = "; ".join(f"{k}: saved {s}, here {m}" for k, s, m in mismatched[:5]) + (" ..." if len(mismatched) > 5 else "")
+    if None not in ranks:
+        saved_ranks = sorted({saved for saved, _ in ranks})
+        model_ranks = sorted({model for _, model in ranks})
+        return (
+            f"The Delta-LoRA adapter '{adapter_name}' cannot be loaded: its adapter_config.json gives rank "
+            f"{', '.join(map(str, model_ranks))} (r / rank_pattern) but the saved tensors have rank "
+            f"{', '.join(map(str, saved_ranks))}. Fix r in adapter_config.json (or save the adapter again). The model "
+            f"was left as it was (no adapter '{adapter_name}' was added). Mismatches: {details}"
+        )
+    return (
+        f"The Delta-LoRA adapter '{adapter_name}' was saved for a base model with other shapes, so it cannot be "
+        f"loaded into this one. Load it onto the base it was trained on. The model was left as it was (no adapter "
+        f"'{adapter_name}' was added). Mismatches: {details}"
+    )
+
+
+def remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
+    """Undo a half-created adapter: delete it from every layer, unwrap layers left without adapters, drop its config.
+
+    For a failed load, so that the model (or the user's base, for ``PeftModel.from_pretrained``) is as before.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, DeltaLoraLayer) or adapter_name not in module.delta_update_ratio:
+            continue
+        module.delete_adapter(adapter_name)
+        if not module.delta_update_ratio:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter_name, None)

@@ -33,7 +33,8 @@ from torch import nn
 
 from ._distributed import check_writable_in_place, full_values
 from .functional import delta_factors, low_rank_frobenius_sq
-from .layer import DeltaLoraLayer, sync_layers
+from .invariant import sync_layers
+from .layer import DeltaLoraLayer
 from .model import delta_lora_layers
 
 
@@ -56,6 +57,15 @@ def find_delta_lora_layers(model: nn.Module) -> list[DeltaLoraLayer]:
             "peft.get_peft_model(model, DeltaLoraConfig(...)) after `import deltalora_hf`."
         )
     return layers
+
+
+def _adapters_key(model: nn.Module) -> tuple | None:
+    """What changes when adapters (and so Delta-LoRA layers) are added or removed: the names in ``peft_config``."""
+    for owner in (model, getattr(model, "module", None)):
+        config = getattr(owner, "peft_config", None)
+        if isinstance(config, dict):
+            return id(owner), id(config), tuple(config)
+    return None
 
 
 def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLayer, str]]:
@@ -88,6 +98,8 @@ class DeltaLoraUpdater:
         self.last = UpdateStats()
         self.moves_in_run = 0  # steps that moved some (effective) W since the last start_run()
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._layers: list[DeltaLoraLayer] = []
+        self._layers_key: tuple | None = None
         for layer in find_delta_lora_layers(model):
             layer.delta_driven = True  # silences the "training without an updater" warning
             if any(layer._moves_w(a) for a in layer.active_adapters):
@@ -95,7 +107,11 @@ class DeltaLoraUpdater:
                 check_writable_in_place(layer.get_base_layer().weight, f"layer {type(layer).__name__}")
 
     def layers(self) -> list[DeltaLoraLayer]:
-        return find_delta_lora_layers(self.model)
+        """The model's Delta-LoRA layers; walked again only when its set of adapters changed."""
+        key = _adapters_key(self.model)
+        if key is None or key != self._layers_key:
+            self._layers, self._layers_key = find_delta_lora_layers(self.model), key
+        return self._layers
 
     def start_run(self) -> int:
         """Start a new run (step counter at 0) with W in step with the adapters; return the number of W writes."""
@@ -126,7 +142,8 @@ class DeltaLoraUpdater:
                 continue
             anchored_before = True  # so this step moved its (effective) W, whichever updater applies it
             factored_moved += layer._factored(adapter)
-        result = sync_layers(layers, generator_for=self._generator)  # in place: W += lambda s (B'A' - BA)
+        # in place: W += lambda s (B'A' - BA); factors whose version counters did not change are not read
+        result = sync_layers(layers, generator_for=self._generator, trust_stamps=True)
         self.moves_in_run += anchored_before
         self.last = UpdateStats(
             step=t,
@@ -143,7 +160,8 @@ class DeltaLoraUpdater:
             for layer, adapter in _moving_adapters(self.layers()):
                 if layer.is_anchored(adapter):
                     a, b = full_values(*layer.lora_factors(adapter))
-                    u, v = delta_factors(a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+                    a_k, b_k = full_values(layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+                    u, v = delta_factors(a, b, a_k.to(a.dtype), b_k.to(b.dtype))
                     total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
         return math.sqrt(total)
 

@@ -1,0 +1,414 @@
+r"""The invariant that ties the base weight W to the adapters, and the one operation that restores it.
+
+**The invariant** (``base_update="inplace"``), for every Delta-LoRA layer, wherever W is used::
+
+    W == W_0 + sum over a in applied(layer) of  lambda_a * s_a * (B_a A_a - B_Ka A_Ka)
+
+``applied(layer)``: the anchored in-place adapters with lambda != 0 that are active (the merged ones while merged);
+``(A, B, A_K, B_K)`` are the adapter's CURRENT tensors. Each applied adapter has a *record* (not saved): copies of
+the ``(A, B, A_K, B_K)`` whose move W holds right now, and the scale it was taken with. :func:`sync_layers` moves W
+from the records to the current tensors with rank-2r updates and is idempotent. After an optimizer step it is
+exactly Algorithm 1 (``W += lambda s (B'A' - BA)``, the record being the factor cache); a load, an added, deleted
+or (de)activated adapter, a new run, a merge or an unload are the same operation.
+
+What an adapter is, and how it travels
+--------------------------------------
+A Delta-LoRA adapter is its factors, its anchors ``(A_K, B_K)``, its anchored flag and, in in-place mode, the move
+W holds for it. Other libraries treat an adapter as its *parameters*: TRL builds its DPO/KTO/GRPO/RLOO reference by
+copying every parameter named ``.default.`` into a new ``"ref"`` adapter, hotswapping walks a state dict and writes
+through ``.data``, users copy ``p.data``. Three designs were weighed:
+
+1. **Anchors and flag are frozen parameters** (chosen), registered per adapter like the factors
+   (``lora_anchor_A.<adapter>.weight``, ``lora_anchor_B.<adapter>.weight``, ``lora_anchored.<adapter>.weight``).
+   Every copy by parameter name or state-dict key then carries the whole adapter, and nothing is needed on the
+   copier's side: TRL's reference adapter is the trained policy. They never train: ``requires_grad=False``, not in
+   PEFT's ``adapter_layer_names`` (so ``set_adapter`` never unfreezes them), detached in the forward. PEFT's "all
+   params" count includes them (its trainable count does not); ZeRO-3 and FSDP2 partition them like the factors.
+2. Recognising a fresh adapter whose factors were overwritten by value: a guess about *which* adapter it was
+   copied from. Rejected.
+3. Refusing: kept for what cannot be exact (``add_weighted_adapter`` over adapters whose W has moved, tensor
+   scalings), always before anything is changed, with the fix in the message.
+
+A write through ``.data`` (``p.data.copy_(t)``, ``p.data = t``) bypasses PyTorch's version counter and cannot be
+seen when it happens. So the records are private copies that no such write reaches, and every entry point that
+reads, saves or changes the model compares by VALUE: ``state_dict`` (a saved model is the model in memory),
+``set_adapter``, merging, unloading, loading, exporting. ``state_dict()`` and a change of a layer's ``scaling``
+(which PEFT's hotswap makes) also mark the layer for a value check at its next forward, since whoever holds those
+tensors may write them through ``.data``. Writing W itself is not supported: W is derived state.
+
+Cost
+----
+* The update after an optimizer step (:class:`~deltalora_hf.DeltaLoraUpdater`) plans every layer at once: the
+  changed records are grouped by shape, the rank-2r factors and their norms come from a handful of batched ops per
+  group, all norms are read with ONE host sync, and each W gets one fused ``addmm_``. A step that changed no factor
+  (their version counters say so) launches nothing. Factored mode never writes W.
+* In eager mode each layer's forward runs :meth:`~deltalora_hf.layer.DeltaLoraLayer._ensure_synced`: a flag, the
+  active adapters, and the identity and version counter of its in-place factors (a few pointer and integer
+  comparisons, no tensor read); a value sync only when one of them changed. Under ``torch.compile`` the check is
+  skipped (it would break the graph); the updater and the entry points still sync.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ._distributed import add_low_rank_, check_writable_in_place, full_values, is_partitioned
+from .functional import default_generator, delta_factors, low_rank_frobenius_sq
+
+if TYPE_CHECKING:
+    from .layer import DeltaLoraLayer
+
+RECORD_NAMES = ("lora_applied_A", "lora_applied_B", "lora_applied_anchor_A", "lora_applied_anchor_B")
+
+
+def version(t: torch.Tensor) -> int:
+    """A tensor's version counter (-1 for inference tensors, which have none and cannot be changed outside it)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def stamp(tensors: Iterable[torch.Tensor]) -> tuple[tuple[torch.Tensor, int], ...]:
+    """Identity and version of each tensor: equal stamps mean no in-place change that PyTorch counts."""
+    return tuple((t, version(t)) for t in tensors)
+
+
+def same_stamp(seen: tuple[tuple[torch.Tensor, int], ...], tensors: Iterable[torch.Tensor]) -> bool:
+    return all(t is old and version(t) == v for (old, v), t in zip(seen, tensors))
+
+
+class SyncState:
+    """What a layer's forward check compares with, so that an unchanged layer costs a few pointer comparisons.
+
+    ``dirty`` is set by the events that version counters cannot see (a changed scaling, ``.to()``, a load, new
+    anchors, ``set_adapter``, a ``state_dict`` handed out); otherwise the layer is in step while its active adapters
+    and merged state are the ones of the last sync and its in-place factors are the same tensors at the same
+    versions. A layer with no in-place adapter has nothing to check.
+    """
+
+    __slots__ = ("dirty", "has_work", "active", "merged", "watched")
+
+    def __init__(self) -> None:
+        self.dirty, self.has_work, self.active, self.merged, self.watched = True, True, None, -1, ()
+
+    def touch(self) -> None:
+        self.dirty = True
+
+    def synced(self, layer: DeltaLoraLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
+        self.dirty, self.has_work = False, has_work
+        self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
+        self.watched = tuple((params, key, params[key], version(params[key])) for params, key in slots)
+
+    def unchanged(self, layer: DeltaLoraLayer) -> bool:
+        if self.dirty:
+            return False
+        if not self.has_work:
+            return True
+        if layer._active_adapter is not self.active or len(layer.merged_adapters) != self.merged:
+            return False
+        return all(params.get(key) is t and version(t) == v for params, key, t, v in self.watched)
+
+
+@dataclass
+class Move:
+    """One planned change of W: ``W += alpha * U @ V``; afterwards W holds ``record`` for ``adapter``.
+
+    ``square`` is ``||U V||_F^2`` as a 0-dim tensor (``alpha`` not applied; None where a group holds it), read for
+    all moves of a sync with one host sync. An ``incremental`` move takes W from the record to the current factors
+    (same anchors and scale); when its square is exactly 0 the factors did not change (or the change underflows):
+    W and the record stay. ``oriented``: U and V are already the left and right factors of W as stored.
+    """
+
+    layer: DeltaLoraLayer
+    adapter: str
+    u: torch.Tensor
+    v: torch.Tensor
+    alpha: float
+    record: tuple[torch.Tensor, ...] | None
+    incremental: bool
+    square: torch.Tensor | None
+    oriented: bool = False
+
+
+@dataclass
+class SyncResult:
+    """What :func:`sync_layers` did: the moves that wrote W, their total squared norm, the non-finite ones skipped."""
+
+    written: list[Move]
+    norm_sq: float
+    skipped_nonfinite: int
+
+
+# -- the record -------------------------------------------------------------------------------------------------
+
+
+def applied_record(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...] | None:
+    """``(A, B, A_K, B_K)`` whose move W holds for ``adapter`` (copies), or None."""
+    if adapter not in layer.lora_applied_A:
+        return None
+    return tuple(getattr(layer, name)[adapter] for name in RECORD_NAMES)
+
+
+def current_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
+    """``(A, B, A_K, B_K)`` now, whole and detached: what the record becomes once W holds this adapter's move."""
+    a, b = full_values(*layer.lora_factors(adapter))
+    a_k, b_k = full_values(layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+    return a.detach(), b.detach(), a_k.detach(), b_k.detach()
+
+
+def live_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
+    """The adapter's own ``(A, B, A_K, B_K, flag)`` tensors (not gathered), for stamps."""
+    a, b = layer.lora_factors(adapter)
+    return a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter], layer.lora_anchored[adapter]
+
+
+def set_record(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, ...] | None, scale: float) -> None:
+    """Store ``record`` (copies) as what W holds for ``adapter``; None removes it."""
+    stores = [getattr(layer, name) for name in RECORD_NAMES]
+    if record is None:
+        for store in stores:
+            if adapter in store:
+                del store[adapter]
+        layer.delta_applied_scale.pop(adapter, None)
+        layer.delta_applied_stamp.pop(adapter, None)
+        return
+    for store, value in zip(stores, record):
+        old = store[adapter] if adapter in store else None
+        if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
+            if old is not value:
+                old.copy_(value)
+        else:
+            store[adapter] = value.detach().clone()
+    layer.delta_applied_scale[adapter] = scale
+    layer.delta_applied_stamp[adapter] = stamp(live_tensors(layer, adapter))
+
+
+def unchanged(layer: DeltaLoraLayer, adapter: str, parts: slice = slice(None)) -> bool:
+    """Whether the adapter's live tensors (``parts`` of ``(A, B, A_K, B_K, flag)``) are the ones, unchanged, that
+    its record was taken from: identities and version counters, no tensor read.
+
+    Always False for partitioned factors: every rank must then take part in the same gathers.
+    """
+    seen = layer.delta_applied_stamp.get(adapter)
+    if seen is None:
+        return False
+    live = live_tensors(layer, adapter)
+    return not is_partitioned(live[0]) and same_stamp(seen[parts], live[parts])
+
+
+# -- planning -------------------------------------------------------------------------------------------------
+
+
+def _move(layer, adapter, a, b, a_old, b_old, scale, record, incremental) -> Move:
+    u, v = delta_factors(a, b, a_old, b_old)
+    return Move(layer, adapter, u, v, scale, record, incremental, low_rank_frobenius_sq(u, v))
+
+
+def _removal(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, ...]) -> Move:
+    """Take the recorded move out of W: ``W -= lambda s (B_p A_p - B_Kp A_Kp)``."""
+    scale = layer.delta_applied_scale[adapter]
+    return _move(layer, adapter, record[2], record[3], record[0], record[1], scale, None, incremental=False)
+
+
+def plan(
+    layers: list[DeltaLoraLayer], applied: Iterable[str] | None, *, trust_stamps: bool
+) -> tuple[list[Move], list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]]]:
+    """The moves that bring every layer's W to the invariant for its applied adapters.
+
+    Returns the moves planned one by one (removals, whole moves) and the incremental candidates ``(layer, adapter,
+    current tensors)``, whose rank-2r factors :func:`_group_incremental` builds across layers. An adapter with a
+    record of the same scale keeps its move when its anchors are the recorded ones: with ``trust_stamps`` that is
+    read from identities and version counters (and an adapter whose tensors all carry their record's stamps is left
+    alone; a layer marked dirty is never trusted), otherwise all anchors are compared by value with one host sync.
+    """
+    moves, incremental, to_compare = [], [], []
+    for layer in layers:
+        if not (layer.lora_applied_A or layer.has_inplace_adapters()) or layer.has_meta_tensors():
+            continue
+        target = layer.applied_adapters() if applied is None else layer.applied_adapters(applied)
+        trust = trust_stamps and not layer._delta_state.dirty
+        for adapter in dict.fromkeys([*layer.lora_applied_A.keys(), *target]):
+            record = applied_record(layer, adapter)
+            if adapter not in target:
+                if record is not None:
+                    moves.append(_removal(layer, adapter, record))
+                continue
+            if record is not None and layer.delta_applied_scale[adapter] == layer.move_scale(adapter):
+                if trust and unchanged(layer, adapter):
+                    continue
+                if trust and unchanged(layer, adapter, slice(2, None)):
+                    incremental.append((layer, adapter, current_tensors(layer, adapter)))
+                else:
+                    to_compare.append((layer, adapter, record, current_tensors(layer, adapter)))
+                continue
+            moves += _replacement(layer, adapter, record)
+    if to_compare:
+        differ = [
+            (record[2] != now[2]).any() | (record[3] != now[3]).any()
+            if record[2].shape == now[2].shape and record[3].shape == now[3].shape
+            else torch.ones((), dtype=torch.bool, device=record[2].device)
+            for _, _, record, now in to_compare
+        ]
+        for (layer, adapter, record, now), moved in zip(to_compare, _read_flags(differ)):
+            if moved:
+                moves += _replacement(layer, adapter, record, now)
+            else:
+                incremental.append((layer, adapter, now))
+    return moves, incremental
+
+
+def _replacement(layer, adapter, record, now=None) -> list[Move]:
+    """Take the recorded move (if any) out of W and put the adapter's whole current move in."""
+    now = current_tensors(layer, adapter) if now is None else now
+    removal = [] if record is None else [_removal(layer, adapter, record)]
+    scale = layer.move_scale(adapter)
+    return removal + [_move(layer, adapter, now[0], now[1], now[2], now[3], scale, now, incremental=False)]
+
+
+def _read_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """Boolean 0-dim tensors to Python, one host sync per device."""
+    return [x != 0.0 for x in _read_scalars([t.reshape(1).float() for t in tensors])]
+
+
+def _group_incremental(
+    candidates: list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]],
+) -> tuple[list[Move], list[torch.Tensor]]:
+    """Incremental moves for many layers at once: ``U = [B' - B_p, B_p]``, ``V = [A'; A' - A_p]`` per layer.
+
+    Layers whose factors have the same shapes, dtype and device are stacked, so that the factors and the norms of
+    a whole group take a fixed number of batched ops; each move's U and V are views into its group's tensors
+    (already transposed where W is stored transposed). Returns the moves and one tensor of squares per group.
+    """
+    groups: dict[tuple, list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]]] = {}
+    for item in candidates:
+        layer, a, b = item[0], item[2][0], item[2][1]
+        groups.setdefault((a.shape, b.shape, a.dtype, b.dtype, a.device, layer.weight_is_transposed), []).append(item)
+    moves, squares = [], []
+    for (*_, transposed), items in groups.items():
+        records = [applied_record(layer, adapter) for layer, adapter, _ in items]
+        a_new = torch.stack([now[0] for _, _, now in items])
+        b_new = torch.stack([now[1] for _, _, now in items])
+        a_old = torch.stack([r[0] for r in records])
+        b_old = torch.stack([r[1] for r in records])
+        u = torch.cat([b_new - b_old, b_old], dim=2)  # G x d x 2r
+        v = torch.cat([a_new, a_new - a_old], dim=1)  # G x 2r x k
+        u32, v32 = (u, v) if u.dtype in (torch.float32, torch.float64) else (u.float(), v.float())
+        squares.append(((u32.mT @ u32) * (v32 @ v32.mT)).sum(dim=(1, 2)))  # ||U_i V_i||_F^2 from 2r x 2r Grams
+        left, right = (v.mT, u.mT) if transposed else (u, v)  # W += alpha * left_i @ right_i
+        for i, (layer, adapter, now) in enumerate(items):
+            scale = layer.delta_applied_scale[adapter]
+            moves.append(Move(layer, adapter, left[i], right[i], scale, now, True, None, oriented=True))
+    return moves, squares
+
+
+# -- carrying out ---------------------------------------------------------------------------------------------
+
+
+def _apply(move: Move, square: float, generator: torch.Generator | None) -> bool:
+    """Carry out a planned move given its squared norm (alpha not applied); return whether W was written."""
+    layer = move.layer
+    if move.incremental and square == 0.0:
+        return False  # nothing changed: W and the record stay
+    if not math.isfinite(square):
+        warnings.warn(
+            f"Delta-LoRA: the W update of a layer for adapter '{move.adapter}' is not finite; skipped, W "
+            "untouched (it is retried when the factors change).",
+            stacklevel=4,
+        )
+        return False
+    written = square != 0.0
+    if written:
+        weight = layer.get_base_layer().weight
+        check_writable_in_place(weight, f"a layer of adapter '{move.adapter}'")
+        add_low_rank_(
+            weight,
+            move.u,
+            move.v,
+            move.alpha,
+            transposed=layer.weight_is_transposed and not move.oriented,
+            rounding=layer.delta_rounding[move.adapter],
+            generator=generator if generator is not None else default_generator(weight.device),
+        )
+    if not move.incremental:  # incremental records are copied for all layers at once (sync_layers)
+        set_record(layer, move.adapter, move.record, move.alpha)
+    return written
+
+
+def _read_scalars(parts: list[torch.Tensor]) -> list[float]:
+    """The values of 1-D float tensors, concatenated, with one host sync per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, part in enumerate(parts):
+        by_device.setdefault(part.device, []).append(i)
+    values: list[list[float]] = [[] for _ in parts]
+    for indices in by_device.values():
+        flat = torch.cat([parts[i] for i in indices]).tolist()
+        for i in indices:
+            values[i], flat = flat[: parts[i].numel()], flat[parts[i].numel() :]
+    return [x for chunk in values for x in chunk]
+
+
+def _copy_records(moves: list[Move]) -> None:
+    """Records of the written incremental moves: the factors are copied with one grouped op per dtype/device."""
+    by_kind: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for m in moves:
+        for name, value in zip(RECORD_NAMES[:2], m.record[:2]):
+            store = getattr(m.layer, name)[m.adapter]
+            dst, src = by_kind.setdefault((store.dtype, store.device), ([], []))
+            dst.append(store)
+            src.append(value)
+        m.layer.delta_applied_stamp[m.adapter] = stamp(live_tensors(m.layer, m.adapter))
+    for dst, src in by_kind.values():
+        torch._foreach_copy_(dst, src)
+
+
+def refresh_flags(layers: list[DeltaLoraLayer]) -> None:
+    """Read every anchored flag by value (one host sync per device): a ``.data`` write may have changed one."""
+    flags = [
+        (layer, adapter, full_values(flag)[0])
+        for layer in layers
+        for adapter, flag in layer.lora_anchored.items()
+        if not flag.is_meta  # not loaded yet (low_cpu_mem_usage): read after the load
+    ]
+    values = _read_scalars([flag.reshape(1).float() for _, _, flag in flags])
+    for (layer, adapter, _), value in zip(flags, values):
+        layer._anchored[adapter] = value != 0.0
+
+
+def sync_layers(
+    layers: Iterable[DeltaLoraLayer],
+    *,
+    generator_for: Callable[[DeltaLoraLayer], torch.Generator | None] = lambda _: None,
+    applied: Iterable[str] | None = None,
+    trust_stamps: bool = False,
+) -> SyncResult:
+    """Bring every layer's W to its invariant, reading the norms of all planned moves with ONE host sync.
+
+    The one code path of every W change. ``applied``: the adapters whose moves W must hold (default: each layer's
+    :meth:`~deltalora_hf.layer.DeltaLoraLayer.applied_adapters`). ``trust_stamps`` (the updater after an optimizer
+    step): adapters whose tensors carry their record's identities and version counters are skipped without a
+    read; otherwise everything is compared by value (entry points), which also sees writes through ``.data``.
+    """
+    layers = list(layers)
+    with torch.no_grad(), torch.inference_mode(False):
+        refresh_flags(layers if not trust_stamps else [layer for layer in layers if layer._delta_state.dirty])
+        moves, candidates = plan(layers, applied, trust_stamps=trust_stamps)
+        grouped, group_squares = _group_incremental(candidates)
+        moves += grouped  # after the individual ones, as in `parts` below
+        parts = [m.square.reshape(1).float() for m in moves if m.square is not None] + group_squares
+        squares = [sq * m.alpha**2 for m, sq in zip(moves, _read_scalars(parts))]
+        wrote = [_apply(m, sq, generator_for(m.layer)) for m, sq in zip(moves, squares)]
+        _copy_records([m for m, w in zip(moves, wrote) if w and m.incremental])
+    for layer in layers:
+        layer._mark_synced()
+    return SyncResult(
+        written=[m for m, w in zip(moves, wrote) if w],
+        norm_sq=sum(sq for sq, w in zip(squares, wrote) if w),
+        skipped_nonfinite=sum(not math.isfinite(sq) for sq in squares),
+    )
