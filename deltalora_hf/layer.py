@@ -248,6 +248,11 @@ class DeltaLoraLayer:
     def has_inplace_adapters(self) -> bool:
         return any(self._moves_w(a) for a in self.delta_base_update)
 
+    def is_partitioned(self) -> bool:
+        """Whether W or a factor is split across ranks (ZeRO-3, FSDP2)."""
+        factors = (t for a in self.delta_base_update for t in self.lora_factors(a))
+        return is_partitioned(self.get_base_layer().weight) or any(is_partitioned(t) for t in factors)
+
     def has_meta_tensors(self) -> bool:
         """Whether some adapter tensor is still on "meta" (created empty, e.g. low_cpu_mem_usage, not loaded yet)."""
         return any(t.is_meta for a in self.delta_base_update for t in invariant.live_tensors(self, a))
@@ -276,7 +281,7 @@ class DeltaLoraLayer:
         state = self._delta_state
         if state.unchanged(self):
             return
-        if is_partitioned(self.get_base_layer().weight):
+        if self.is_partitioned():
             return  # ZeRO-3 swaps the data of partitioned tensors around every forward: the updater syncs there
         self.sync_base_weight()  # by value: whatever changed (a loader may have replaced factors, anchors and flags)
 
@@ -286,17 +291,25 @@ class DeltaLoraLayer:
     def _sync_before_state_dict(module: DeltaLoraLayer, prefix: str, keep_vars: bool) -> None:
         # A saved W is the W the saved tensors describe: compare by value (sees .data writes). Whoever receives the
         # state dict holds the live tensors and may write them through .data: check again before the next forward.
+        if module.is_partitioned():
+            return  # ZeRO-3/FSDP: the state dict is taken inside the framework's own gather; the updater syncs
         module.sync_base_weight()
         module._delta_state.touch()
+
+    def match_anchor_dtypes(self, adapter: str) -> None:
+        """Keep the anchors and the flag in their factors' dtype (PEFT casts the factors after creating them)."""
+        a, b = self.lora_factors(adapter)
+        for store, like in ((self.lora_anchor_A, a), (self.lora_anchor_B, b), (self.lora_anchored, a)):
+            anchor = store[adapter]
+            if anchor.dtype != like.dtype and like.dtype.is_floating_point and not is_partitioned(anchor):
+                store[adapter] = anchor.to(like.dtype)
+                self._delta_state.touch()
 
     @staticmethod
     def _before_load(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
         module._loads_base_weight = f"{prefix}base_layer.weight" in state_dict
-        for adapter in module.lora_anchored.keys():  # anchors take the factors' dtype (and precision) when loaded
-            a, b = module.lora_factors(adapter)
-            for store, like in ((module.lora_anchor_A, a), (module.lora_anchor_B, b), (module.lora_anchored, a)):
-                if store[adapter].dtype != like.dtype and like.dtype.is_floating_point and like.device.type != "meta":
-                    store[adapter] = store[adapter].to(like.dtype)
+        for adapter in module.lora_anchored.keys():  # loaded anchors keep the factors' dtype (and precision)
+            module.match_anchor_dtypes(adapter)
 
     @staticmethod
     def _after_load(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
