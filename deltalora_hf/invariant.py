@@ -80,6 +80,11 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def optimizer_steps() -> int:
+    """How many optimizer steps this process has taken (any optimizer)."""
+    return _optimizer_steps[0]
+
+
 def version(t: torch.Tensor) -> int:
     """A tensor's version counter (-1 for inference tensors, which have none and cannot be changed outside it)."""
     try:

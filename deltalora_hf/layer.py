@@ -281,6 +281,7 @@ class DeltaLoraLayer:
         state = self._delta_state
         if state.unchanged(self):
             return
+        self._factored_cache.clear()  # whatever changed may not show in the tensors' stamps
         if self.is_partitioned():
             return  # ZeRO-3 swaps the data of partitioned tensors around every forward: the updater syncs there
         self.sync_base_weight()  # by value: whatever changed (a loader may have replaced factors, anchors and flags)
@@ -403,13 +404,13 @@ class DeltaLoraLayer:
             return self._factor_path(x, *self._factored_factors(adapter))
         if is_partitioned(a):
             return self._factor_path(x, *self._factored_factors(adapter))
-        key = invariant.stamp(invariant.live_tensors(self, adapter))
+        live = invariant.live_tensors(self, adapter)
         cached = self._factored_cache.get(adapter)
-        if cached is None or not invariant.same_stamp(cached[0], invariant.live_tensors(self, adapter)):
+        if cached is None or cached[0] != invariant.optimizer_steps() or not invariant.same_stamp(cached[1], live):
             with torch.no_grad():
-                cached = (key, *self._factored_factors(adapter))
+                cached = (invariant.optimizer_steps(), invariant.stamp(live), *self._factored_factors(adapter))
             self._factored_cache[adapter] = cached
-        return self._factor_path(x, cached[1], cached[2])
+        return self._factor_path(x, cached[2], cached[3])
 
     def _warn_if_not_driven(self) -> None:
         if self.delta_driven or self._delta_warned or not self.training or not torch.is_grad_enabled():
