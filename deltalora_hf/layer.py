@@ -126,6 +126,7 @@ class DeltaLoraLayer:
         # the anchor tensors of the applied move: references to the live anchors, not copies (see _snapshot_anchors)
         self.delta_applied_anchors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._delta_seen: tuple | None = None  # what the last sync saw; see _is_synced
+        self._delta_partitioned = False  # W was partitioned at the last sync; see _ensure_synced
         self._anchored_cache: dict[str, tuple[weakref.ref, bool]] = {}
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
         self._delta_warned = False
@@ -227,6 +228,7 @@ class DeltaLoraLayer:
         return values, versioned, identity
 
     def _record_synced(self) -> None:
+        self._delta_partitioned = is_partitioned(self.get_base_layer().weight)
         values, versioned, identity = self._tracked()
         self._delta_seen = (
             values,
@@ -351,8 +353,10 @@ class DeltaLoraLayer:
     def _ensure_synced(self) -> None:
         if not self.lora_applied_A and not any(self._moves_w(a) for a in self.delta_base_update):
             return  # no in-place adapter: W is the original base weight
-        if is_partitioned(self.get_base_layer().weight):
-            return  # ZeRO-3 swaps the data of partitioned tensors around every forward: the updater syncs there
+        if self._delta_partitioned or is_partitioned(self.get_base_layer().weight):
+            # ZeRO-3 swaps the data of partitioned tensors around every forward, FSDP2 swaps in a whole copy of W that
+            # is dropped after it (a write there would be lost): the updater syncs the partitions
+            return
         if not self._is_synced():
             self.sync_base_weight()
 
