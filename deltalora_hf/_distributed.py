@@ -143,9 +143,10 @@ def check_writable_in_place(weight: torch.Tensor, name: str) -> None:
     if reason is None:
         return
     kind = "ZeRO-3 " if is_zero3(weight) else "sharded (DTensor) " if is_dtensor(weight) else ""
+    alternative = ", or drop that ZeRO-3 option" if is_zero3(weight) else ""
     raise RuntimeError(
         f"Delta-LoRA cannot update the {kind}base weight of {name} in place: {reason}. Use "
-        "DeltaLoraConfig(base_update='factored'), which never writes W."
+        f"DeltaLoraConfig(base_update='factored'), which never writes W{alternative}."
     )
 
 
@@ -155,7 +156,10 @@ def _dtensor_layout_problem(weight: torch.Tensor) -> str | None:
     if weight.ndim != 2 or not weight.dtype.is_floating_point:
         return f"it is not a 2-D floating-point matrix ({tuple(weight.shape)}, {weight.dtype})"
     if "tp" in (weight.device_mesh.mesh_dim_names or ()):
-        return "it is split over a tensor-parallel mesh dimension ('tp', e.g. transformers' tp_plan), not supported"
+        return (
+            "it is split over a tensor-parallel mesh dimension ('tp', e.g. from transformers' tp_plan); the in-place "
+            "update supports FSDP2/HSDP shards only"
+        )
     odd = [p for p in weight.placements if type(p) not in (Shard, Replicate)]  # _StridedShard subclasses Shard
     if odd:
         return f"its placement {odd[0]} gives no rank a plain block of W (supported: Shard, Replicate)"

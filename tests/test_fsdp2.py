@@ -58,12 +58,13 @@ def _has_native_fsdp() -> bool:
     return "fsdp_size" in DistributedConfig.__dataclass_fields__
 
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-    ),
-]
+def multiprocess(test):
+    """Slow (a 2-process launch), and skipped where torch has no gloo backend."""
+    test = pytest.mark.slow(test)
+    gloo = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+    return pytest.mark.skipif(not gloo, reason="needs torch.distributed with gloo")(test)
+
+
 needs_native_fsdp = pytest.mark.skipif(
     not _has_native_fsdp(), reason="this transformers has no DistributedConfig(fsdp_size=...) (added in 5.x)"
 )
@@ -155,6 +156,7 @@ def native_reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
+@multiprocess
 @needs_native_fsdp
 @pytest.mark.parametrize("run", NATIVE_RUNS)
 def test_native_fsdp2_trainer_matches_one_process(native_runs, native_reference, run):
@@ -165,6 +167,7 @@ def test_native_fsdp2_trainer_matches_one_process(native_runs, native_reference,
         assert report["delta_lora_layers"] == (0 if run == "lora" else 6)
 
 
+@multiprocess
 @needs_native_fsdp
 @pytest.mark.parametrize("run", NATIVE_RUNS)
 def test_native_fsdp2_save_model_and_export_reload_on_a_fresh_base(native_runs, native_reference, run):
@@ -193,6 +196,7 @@ def loop_reference() -> dict[str, dict[str, torch.Tensor]]:
     return references
 
 
+@multiprocess
 @pytest.mark.parametrize("run", LOOP_RUNS)
 def test_fully_shard_loop_matches_one_process(loop_runs, loop_reference, run):
     states, reports = load_run(loop_runs, run)
@@ -205,11 +209,13 @@ def test_fully_shard_loop_matches_one_process(loop_runs, loop_reference, run):
     check_run(loop_runs, run, loop_reference[run.split("-")[0]], "fully_shard loop")
 
 
+@multiprocess
 @pytest.mark.parametrize("run", LOOP_RUNS)
 def test_fully_shard_loop_save_pretrained_and_export_reload_on_a_fresh_base(loop_runs, loop_reference, run):
     check_saved(loop_runs, run, loop_reference[run.split("-")[0]], "fully_shard loop")
 
 
+@multiprocess
 def test_local_shard_update_equals_the_update_of_the_whole_tensor(loop_runs):
     """Each rank's block of a DTensor (found from placements and mesh, as torch.chunk splits) gets exactly its part
     of alpha * U V: uneven and empty shards, rows or columns, W stored transposed, float32/float64/bfloat16."""
@@ -232,3 +238,25 @@ def test_local_shard_update_equals_the_update_of_the_whole_tensor(loop_runs):
         assert "tensor-parallel" in refusals["tp"]
         assert refusals.pop("check_target_tp_factored") is None  # factored mode never writes W: any float DTensor
         assert all("base_update='factored'" in message for message in refusals.values()), refusals
+
+
+# -- what get_peft_model refuses (one process) -------------------------------------------------------------------
+
+
+class _UnknownSubclass(torch.Tensor):
+    """A tensor subclass Delta-LoRA knows nothing about (as a quantized weight would be)."""
+
+
+@pytest.mark.parametrize("mode", ["factored", "inplace"])
+def test_check_target_names_what_is_wrong_with_a_weight(mode):
+    from deltalora_hf.model import check_target
+
+    integer = torch.nn.Linear(4, 4)
+    integer.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"dtype torch\.int8, not a floating-point dtype"):
+        check_target(integer, "integer", mode)
+    subclass = torch.nn.Linear(4, 4)
+    subclass.weight = torch.nn.Parameter(torch.zeros(4, 4).as_subclass(_UnknownSubclass), requires_grad=False)
+    with pytest.raises(ValueError, match="_UnknownSubclass, a tensor subclass Delta-LoRA does not know"):
+        check_target(subclass, "subclass", mode)
+    check_target(torch.nn.Linear(4, 4), "plain", mode)  # a float DTensor passes too: the launches above
