@@ -111,16 +111,18 @@ class SyncState:
     the same tensors at the same versions. A layer with no in-place adapter has nothing to check.
     """
 
-    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps")
+    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps", "partitioned")
 
     def __init__(self) -> None:
         self.dirty, self.has_work, self.active, self.merged, self.watched, self.steps = True, True, None, -1, (), -1
+        self.partitioned = False  # W or a factor was split across ranks at the last sync (ZeRO-3, FSDP2)
 
     def touch(self) -> None:
         self.dirty = True
 
     def synced(self, layer: DeltaLoraLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
         self.dirty, self.has_work, self.steps = False, has_work, _optimizer_steps[0]
+        self.partitioned = layer.is_partitioned()
         self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
         self.watched = tuple((params, key, params[key], version(params[key])) for params, key in slots)
 
