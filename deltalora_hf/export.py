@@ -33,7 +33,11 @@ def exported_factors(layer: DeltaLoraLayer, adapter_name: str) -> tuple[torch.Te
     ratio = layer.delta_update_ratio[adapter_name]
     a_k, b_k, flag = (
         _distributed.unsharded(t)
-        for t in (layer.lora_anchor_A[adapter_name], layer.lora_anchor_B[adapter_name], layer.lora_anchored[adapter_name])
+        for t in (
+            layer.lora_anchor_A[adapter_name],
+            layer.lora_anchor_B[adapter_name],
+            layer.lora_anchored[adapter_name],
+        )
     )
     if not bool(flag):  # the value, not a cache: it may have been written directly
         ratio, a_k, b_k = 0.0, torch.zeros_like(a), torch.zeros_like(b)

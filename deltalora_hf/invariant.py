@@ -60,6 +60,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._distributed import add_low_rank_, check_writable_in_place, full_values, is_partitioned
@@ -86,6 +91,23 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 def optimizer_steps() -> int:
     """How many optimizer steps this process has taken (any optimizer)."""
     return _optimizer_steps[0]
+
+
+# Modules, parameters and buffers registered in this process (module.x = ..., add_module, register_buffer,
+# set_submodule, ...): a factor module or an anchor replaced by another object is seen by the forward check.
+_registrations = [0]
+
+
+def _count_registration(module: torch.nn.Module, name: str, value: object) -> None:
+    _registrations[0] += 1
+
+
+for _register in (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+    register_module_buffer_registration_hook,
+):
+    _register(_count_registration)
 
 
 def version(t: torch.Tensor) -> int:
@@ -118,21 +140,28 @@ class SyncState:
 
     ``dirty`` is set by the events that version counters cannot see (a changed scaling, ``.to()``, a load, new
     anchors, ``set_adapter``, a ``state_dict`` handed out); otherwise the layer is in step while no optimizer step
-    was taken since its last sync, its active adapters and merged state are the same, and its in-place factors are
-    the same tensors at the same versions. A layer with no in-place adapter has nothing to check.
+    was taken and no module, parameter or buffer was registered anywhere since its last sync (both are counted by
+    torch's global hooks), its active adapters and merged state are the same, and its in-place factors are the same
+    tensors at the same versions. A layer with no in-place adapter has nothing to check.
     """
 
-    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps", "partitioned")
+    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps", "registrations", "partitioned")
 
     def __init__(self) -> None:
         self.dirty, self.has_work, self.active, self.merged, self.watched, self.steps = True, True, None, -1, (), -1
+        self.registrations = -1
         self.partitioned = False  # W or a factor was split across ranks at the last sync (ZeRO-3, FSDP2)
 
     def touch(self) -> None:
         self.dirty = True
 
     def synced(self, layer: DeltaLoraLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
-        self.dirty, self.has_work, self.steps = False, has_work, _optimizer_steps[0]
+        self.dirty, self.has_work, self.steps, self.registrations = (
+            False,
+            has_work,
+            _optimizer_steps[0],
+            _registrations[0],
+        )
         self.partitioned = layer.is_partitioned()
         self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
         self.watched = tuple((params, key, params[key], version(params[key])) for params, key in slots)
@@ -144,6 +173,7 @@ class SyncState:
             return True
         if (
             self.steps != _optimizer_steps[0]
+            or self.registrations != _registrations[0]
             or layer._active_adapter is not self.active
             or len(layer.merged_adapters) != self.merged
         ):

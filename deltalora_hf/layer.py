@@ -27,7 +27,7 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import invariant
+from . import functional, invariant
 from ._distributed import check_writable_in_place, gathered, is_partitioned, used_in_forward, write_full_
 from .config import BaseUpdate
 from .functional import Rounding, delta_factors, scale_grad
@@ -119,6 +119,11 @@ class ScalingDict(dict):
 
     def __reduce__(self):
         return (ScalingDict, (self.state, dict(self)))
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without dispatching a no-op conversion when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class DeltaLoraLayer:
@@ -279,7 +284,9 @@ class DeltaLoraLayer:
             adapters = self.merged_adapters if self.merged else self.active_adapters
         return [a for a in adapters if self._moves_w(a) and self.is_anchored(a)]
 
-    def sync_base_weight(self, *, applied: Iterable[str] | None = None, generator: torch.Generator | None = None) -> int:
+    def sync_base_weight(
+        self, *, applied: Iterable[str] | None = None, generator: torch.Generator | None = None
+    ) -> int:
         """Bring W to the invariant by value (for ``applied`` adapters, default: applied_adapters()); return W writes."""
         return len(invariant.sync_layers([self], generator_for=lambda _: generator, applied=applied).written)
 
@@ -323,25 +330,30 @@ class DeltaLoraLayer:
 
     @staticmethod
     def _before_load(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
-        module._loads_base_weight = f"{prefix}base_layer.weight" in state_dict
+        original = module.__dict__.pop("_loads_original_base", False)
+        if f"{prefix}base_layer.weight" in state_dict:
+            # What the loaded W holds: the ORIGINAL base where it comes from an adapter file (written so by
+            # DeltaLoraModel._get_adapter_state_dict) or from a state dict of the base model alone; otherwise (a
+            # whole-model state dict) the moves of the active adapters, as state_dict() returns W.
+            own = (f"{prefix}{name}." for name in (*module.adapter_layer_names, "lora_anchor_A"))
+            original = original or not any(key.startswith(tuple(own)) for key in state_dict)
+            module._loads_base_weight = "original" if original else "moved"
         for adapter in module.lora_anchored.keys():  # loaded anchors keep the factors' dtype (and precision)
             module.match_anchor_dtypes(adapter)
 
     @staticmethod
     def _after_load(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
         module._delta_state.touch()
-        if module.__dict__.pop("_loads_base_weight", False):
-            # W itself was loaded (e.g. PEFT's save_embedding_layers): it was saved synced, so it already holds the
-            # moves of the loaded factors. Record that instead of moving it.
+        loaded = module.__dict__.pop("_loads_base_weight", None)
+        if loaded is not None:  # W itself was loaded: record what it holds, then bring it to the invariant
             with torch.no_grad():
                 invariant.refresh_flags([module])
                 for adapter in list(module.lora_applied_A.keys()):
                     invariant.set_record(module, adapter, None, 0.0)
-                for adapter in module.applied_adapters():
-                    now = invariant.current_tensors(module, adapter)
-                    invariant.set_record(module, adapter, now, module.move_scale(adapter))
-            module._mark_synced()
-            return
+                if loaded == "moved":
+                    for adapter in module.applied_adapters():
+                        now = invariant.current_tensors(module, adapter)
+                        invariant.set_record(module, adapter, now, module.move_scale(adapter))
         module.sync_base_weight()
 
     def set_adapter(self, adapter_names: str | list[str], *args: Any, **kwargs: Any) -> None:
@@ -366,6 +378,19 @@ class DeltaLoraLayer:
         super().unmerge()
         self.sync_base_weight()
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's check before ``convert_to_lora``/``save_as_lora``: False for an in-place adapter whose W has moved,
+        whose trained model is not ``W + get_delta_weight`` on the original base (use ``export_lora``)."""
+        if self._moves_w(adapter_name) and self.is_anchored(adapter_name):
+            warnings.warn(
+                f"Delta-LoRA: adapter '{adapter_name}' (base_update='inplace') has moved W, so PEFT's LoRA conversion "
+                "would miss the move. Use deltalora_hf.export_lora(model, path), which writes the trained model as "
+                "an exact rank-2r LoRA of the original base.",
+                stacklevel=2,
+            )
+            return False
+        return super().supports_lora_conversion(adapter_name)
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """LoRA's ``s B A``, plus the telescoped W move in factored mode (so merging gives the trained model)."""
         delta = super().get_delta_weight(adapter)
@@ -377,6 +402,17 @@ class DeltaLoraLayer:
         return delta + (move.T if self.weight_is_transposed else move).to(delta.dtype)
 
     # -- forward ------------------------------------------------------------------------------------------------
+
+    def original_base_weight(self) -> torch.Tensor:
+        """A copy of W without the moves it holds: the original base weight (up to rounding in bf16/fp16)."""
+        with torch.no_grad():
+            weight = self.get_base_layer().weight.detach().clone()
+            for adapter in self.lora_applied_A.keys():
+                a, b, a_k, b_k = invariant.applied_record(self, adapter)
+                u, v = delta_factors(a, b, a_k, b_k)
+                scale = self.delta_applied_scale[adapter]
+                functional.add_low_rank_(weight, u, v, -scale, transposed=self.weight_is_transposed, rounding="nearest")
+        return weight
 
     def _applied_output(self, x: torch.Tensor) -> torch.Tensor | float:
         """``sum over records of lambda s (B_p A_p - B_Kp A_Kp) x``: what the in-place moves add to W x."""
@@ -394,11 +430,10 @@ class DeltaLoraLayer:
     def _factored_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``[(1 + lambda g) s B', -lambda s B_K]`` and ``[A'; A_K]`` (see :meth:`_adapter_output`)."""
         a, b = used_in_forward(self, *self.lora_factors(adapter))
-        anchors = used_in_forward(self, self.lora_anchor_A[adapter], self.lora_anchor_B[adapter], self.lora_anchored[adapter])
-        a_k, b_k, flag = (t.detach() for t in anchors)
-        a_k, b_k = (a_k if a_k.dtype == a.dtype else a_k.to(a.dtype)), (b_k if b_k.dtype == b.dtype else b_k.to(b.dtype))
+        stores = (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored)
+        a_k, b_k, flag = (_as(t.detach(), a.dtype) for t in used_in_forward(self, *(s[adapter] for s in stores)))
         s, ratio = self.scaling[adapter], self.delta_update_ratio[adapter]
-        grow = 1.0 + ratio * (flag if flag.dtype == a.dtype else flag.to(a.dtype)).reshape(())
+        grow = 1.0 + ratio * flag.reshape(())
         a_cat = torch.cat([scale_grad(a, 1.0 / grow), a_k], dim=0)
         b_cat = torch.cat([scale_grad(b, 1.0 / grow) * (s * grow), (-ratio * s) * b_k], dim=1)
         return a_cat, b_cat

@@ -16,7 +16,13 @@ from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, is_bnb_layer
 from .config import BaseUpdate, DeltaLoraConfig
 from .layer import SUPPORTED_BASE_LAYERS, DeltaLoraLayer, Embedding, Linear
 
-# v0.2 saved the anchors as buffers, without the ".weight" of the parameters they are now
+_NO_INIT_CONVERSION = (
+    "path_initial_model_for_weight_conversion / subtract_mutated_init convert PiSSA-like initialisations to LoRA; "
+    "Delta-LoRA refuses those initialisations, and its trained model is not a LoRA of the saved base. Nothing was "
+    "written. Use deltalora_hf.export_lora(model, path) for an exact rank-2r LoRA of the original base."
+)
+
+# v0.2 saved the anchors without the ".weight" of the holder modules they are in now
 _LEGACY_ANCHOR_KEYS = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
 
 
@@ -132,6 +138,9 @@ class DeltaLoraModel(LoraModel):
         again (and unwrap the base if it was the only one) and name what differs: the rank or the base."""
         state_dict = {_current_anchor_key(k): _current_anchor_value(k, v) for k, v in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for name, layer in model.named_modules():  # an adapter file's base weights are the original base's
+            if isinstance(layer, DeltaLoraLayer) and f"{name}.base_layer.weight" in remapped:
+                layer._loads_original_base = True
         current = model.state_dict()
         mismatched = [
             (key, tuple(value.shape), tuple(current[key].shape))
@@ -142,6 +151,23 @@ class DeltaLoraModel(LoraModel):
             remove_adapter_everywhere(model, adapter_name)
             raise ValueError(_mismatch_message(adapter_name, config, mismatched))
         return remapped
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of what an adapter file holds. The embedding weights PEFT adds to it (when an embedding
+        is targeted) are written as the ORIGINAL base's: an adapter file never carries the move of another adapter."""
+        for name, layer in model.named_modules():
+            key = f"{name}.base_layer.weight"
+            if isinstance(layer, Embedding) and key in state_dict and layer.lora_applied_A:
+                state_dict[key] = layer.original_base_weight()
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+    @classmethod
+    def _convert_state_dict_for_initial_model(cls, peft_model, peft_config, path, output_state_dict, kwargs):
+        raise ValueError(_NO_INIT_CONVERSION)
+
+    def subtract_mutated_init(self, output_state_dict, adapter_name, kwargs=None):
+        raise ValueError(_NO_INIT_CONVERSION)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's cast of the adapter's factors (to float32 on a low-precision base); the anchors follow them."""
@@ -217,7 +243,9 @@ def _mismatch_message(adapter_name: str, config, mismatched: list[tuple[str, tup
                 ranks.add((saved[rank_dim], model[rank_dim]))
                 continue
         ranks.add(None)
-    details = "; ".join(f"{k}: saved {s}, here {m}" for k, s, m in mismatched[:5]) + (" ..." if len(mismatched) > 5 else "")
+    details = "; ".join(f"{k}: saved {s}, here {m}" for k, s, m in mismatched[:5]) + (
+        " ..." if len(mismatched) > 5 else ""
+    )
     if None not in ranks:
         saved_ranks = sorted({saved for saved, _ in ranks})
         model_ranks = sorted({model for _, model in ranks})

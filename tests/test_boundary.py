@@ -40,7 +40,11 @@ def test_anchors_are_saved_buffers_named_like_the_factors(mode, tmp_path):
     assert buffers and all(n.endswith(".default.weight") for n in buffers)
     assert not any(".lora_anchor" in n for n, _ in model.named_parameters())  # PEFT's counts are LoRA's
     state = get_peft_model_state_dict(model)
-    assert {k.rsplit(".", 2)[-2] for k in state if ".lora_anchor" in k} == {"lora_anchor_A", "lora_anchor_B", "lora_anchored"}
+    assert {k.rsplit(".", 2)[-2] for k in state if ".lora_anchor" in k} == {
+        "lora_anchor_A",
+        "lora_anchor_B",
+        "lora_anchored",
+    }
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -65,7 +69,10 @@ def test_data_writes_never_leave_a_saved_model_that_differs_from_memory(how, tmp
     other = adapter_tensors(trained(tmp_path, "inplace", data_seed=5))
     layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer)}
     for name, layer in layers.items():
-        for param, value in ((layer.lora_A["default"].weight, other[name]["a"]), (layer.lora_B["default"].weight, other[name]["b"])):
+        for param, value in (
+            (layer.lora_A["default"].weight, other[name]["a"]),
+            (layer.lora_B["default"].weight, other[name]["b"]),
+        ):
             if how == "copy_":
                 param.data.copy_(value)
             else:
@@ -81,10 +88,7 @@ def test_hotswap_from_state_dict_gives_the_swapped_in_adapter(mode, tmp_path):
     model = trained(tmp_path, mode)
     second = trained(tmp_path, mode, data_seed=5)
     want = reference_logits(adapter_tensors(second))
-    state = {
-        k.replace(".weight", ".default.weight"): v
-        for k, v in get_peft_model_state_dict(second).items()
-    }
+    state = {k.replace(".weight", ".default.weight"): v for k, v in get_peft_model_state_dict(second).items()}
     hotswap_adapter_from_state_dict(model, state, "default", model.peft_config["default"])
     assert_close(logits(model), want)
     with model.disable_adapter():
@@ -98,7 +102,12 @@ def test_compiled_hotswap_preparation_is_refused_and_changes_nothing(mode, tmp_p
     with pytest.raises(TypeError, match="tensor scalings.*not changed"):
         prepare_model_for_compiled_hotswap(model, target_rank=8)
     assert_same_state(model, before)
-    assert all(not isinstance(s, torch.Tensor) for m in model.modules() if isinstance(m, DeltaLoraLayer) for s in m.scaling.values())
+    assert all(
+        not isinstance(s, torch.Tensor)
+        for m in model.modules()
+        if isinstance(m, DeltaLoraLayer)
+        for s in m.scaling.values()
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -180,15 +189,22 @@ def test_the_model_card_says_what_the_adapter_is_and_how_to_load_it(tmp_path):
     model.save_pretrained(tmp_path / "saved")  # saving again does not repeat the section
     card = (tmp_path / "saved" / "README.md").read_text()
     assert card.count("## Delta-LoRA adapter") == 1
-    for text in ("deltalora-hf", "lambda = 0.5", "start step K = 2", "`factored`", "import deltalora_hf", "export_lora"):
+    for text in (
+        "deltalora-hf",
+        "lambda = 0.5",
+        "start step K = 2",
+        "`factored`",
+        "import deltalora_hf",
+        "export_lora",
+    ):
         assert text in card, text
     assert "library_name: peft" in card  # PEFT's own card is kept
 
 
 LOADERS = {
     "PeftModel.from_pretrained": "from peft import PeftModel\nPeftModel.from_pretrained(base, ADAPTER)",
-    "AutoPeftModelForCausalLM": "from peft import AutoPeftModelForCausalLM\nAutoPeftModelForCausalLM.from_pretrained(ADAPTER)",
-    "transformers AutoModelForCausalLM": "from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained(ADAPTER)",
+    "AutoPeftModelForCausalLM": "import peft\npeft.AutoPeftModelForCausalLM.from_pretrained(ADAPTER)",
+    "transformers AutoModelForCausalLM": "AutoModelForCausalLM.from_pretrained(ADAPTER)",
     "transformers load_adapter": "base.load_adapter(ADAPTER)",
 }
 

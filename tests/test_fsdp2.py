@@ -122,7 +122,9 @@ def check_saved(directory: Path, run: str, reference: dict[str, torch.Tensor], l
             print(line)
             return
         saved = load_file(directory / run / "adapter" / "adapter_model.safetensors")
-        assert any(k.endswith("lora_anchor_A.weight") for k in saved) and any(k.endswith("lora_anchored.weight") for k in saved)
+        assert any(k.endswith("lora_anchor_A.weight") for k in saved) and any(
+            k.endswith("lora_anchored.weight") for k in saved
+        )
         exported = PeftModel.from_pretrained(tiny_llama(**MODEL), directory / run / "export").eval()  # plain LoRA
         export_difference = (exported(ids).logits - expected).abs().max().item()
     print(f"{line}; export_lora (plain LoRA, rank 8) {export_difference:.2e}")
