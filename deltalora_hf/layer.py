@@ -287,7 +287,8 @@ class DeltaLoraLayer:
     def sync_base_weight(
         self, *, applied: Iterable[str] | None = None, generator: torch.Generator | None = None
     ) -> int:
-        """Bring W to the invariant by value (for ``applied`` adapters, default: applied_adapters()); return W writes."""
+        """Bring W to the invariant by value (for ``applied`` adapters, default: applied_adapters()); return the
+        number of W writes."""
         return len(invariant.sync_layers([self], generator_for=lambda _: generator, applied=applied).written)
 
     def _watched_slots(self) -> list[tuple[dict, str]]:
