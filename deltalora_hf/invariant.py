@@ -54,9 +54,10 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._distributed import add_low_rank_, check_writable_in_place, full_values, is_partitioned
 from .functional import default_generator, delta_factors, low_rank_frobenius_sq
@@ -65,6 +66,23 @@ if TYPE_CHECKING:
     from .layer import DeltaLoraLayer
 
 RECORD_NAMES = ("lora_applied_A", "lora_applied_B", "lora_applied_anchor_A", "lora_applied_anchor_B")
+
+# Optimizer steps taken in this process. Fused optimizers (e.g. AdamW(fused=True), Trainer's "adamw_torch_fused")
+# write the parameters without bumping their version counters, so after any optimizer step the factors are read
+# by value; torch calls this hook after every optimizer.step().
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps this process has taken (any optimizer)."""
+    return _optimizer_steps[0]
 
 
 def version(t: torch.Tensor) -> int:
@@ -88,21 +106,21 @@ class SyncState:
     """What a layer's forward check compares with, so that an unchanged layer costs a few pointer comparisons.
 
     ``dirty`` is set by the events that version counters cannot see (a changed scaling, ``.to()``, a load, new
-    anchors, ``set_adapter``, a ``state_dict`` handed out); otherwise the layer is in step while its active adapters
-    and merged state are the ones of the last sync and its in-place factors are the same tensors at the same
-    versions. A layer with no in-place adapter has nothing to check.
+    anchors, ``set_adapter``, a ``state_dict`` handed out); otherwise the layer is in step while no optimizer step
+    was taken since its last sync, its active adapters and merged state are the same, and its in-place factors are
+    the same tensors at the same versions. A layer with no in-place adapter has nothing to check.
     """
 
-    __slots__ = ("dirty", "has_work", "active", "merged", "watched")
+    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps")
 
     def __init__(self) -> None:
-        self.dirty, self.has_work, self.active, self.merged, self.watched = True, True, None, -1, ()
+        self.dirty, self.has_work, self.active, self.merged, self.watched, self.steps = True, True, None, -1, (), -1
 
     def touch(self) -> None:
         self.dirty = True
 
     def synced(self, layer: DeltaLoraLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
-        self.dirty, self.has_work = False, has_work
+        self.dirty, self.has_work, self.steps = False, has_work, _optimizer_steps[0]
         self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
         self.watched = tuple((params, key, params[key], version(params[key])) for params, key in slots)
 
@@ -111,6 +129,8 @@ class SyncState:
             return False
         if not self.has_work:
             return True
+        if self.steps != _optimizer_steps[0]:
+            return False
         if layer._active_adapter is not self.active or len(layer.merged_adapters) != self.merged:
             return False
         return all(params.get(key) is t and version(t) == v for params, key, t, v in self.watched)
@@ -187,20 +207,24 @@ def set_record(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, 
         else:
             store[adapter] = value.detach().clone()
     layer.delta_applied_scale[adapter] = scale
-    layer.delta_applied_stamp[adapter] = stamp(live_tensors(layer, adapter))
+    layer.delta_applied_stamp[adapter] = (_optimizer_steps[0], stamp(live_tensors(layer, adapter)))
 
 
 def unchanged(layer: DeltaLoraLayer, adapter: str, parts: slice = slice(None)) -> bool:
     """Whether the adapter's live tensors (``parts`` of ``(A, B, A_K, B_K, flag)``) are the ones, unchanged, that
-    its record was taken from: identities and version counters, no tensor read.
+    its record was taken from: identities and version counters, no tensor read. The factors also count as changed
+    after any optimizer step (fused optimizers do not bump version counters).
 
     Always False for partitioned factors: every rank must then take part in the same gathers.
     """
     seen = layer.delta_applied_stamp.get(adapter)
     if seen is None:
         return False
+    steps, stamps = seen
     live = live_tensors(layer, adapter)
-    return not is_partitioned(live[0]) and same_stamp(seen[parts], live[parts])
+    if is_partitioned(live[0]) or ((parts.start or 0) < 2 and steps != _optimizer_steps[0]):
+        return False
+    return same_stamp(stamps[parts], live[parts])
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -363,7 +387,7 @@ def _copy_records(moves: list[Move]) -> None:
             dst, src = by_kind.setdefault((store.dtype, store.device), ([], []))
             dst.append(store)
             src.append(value)
-        m.layer.delta_applied_stamp[m.adapter] = stamp(live_tensors(m.layer, m.adapter))
+        m.layer.delta_applied_stamp[m.adapter] = (_optimizer_steps[0], stamp(live_tensors(m.layer, m.adapter)))
     for dst, src in by_kind.values():
         torch._foreach_copy_(dst, src)
 

@@ -248,6 +248,11 @@ class DeltaLoraLayer:
     def has_inplace_adapters(self) -> bool:
         return any(self._moves_w(a) for a in self.delta_base_update)
 
+    def is_partitioned(self) -> bool:
+        """Whether W or a factor is split across ranks (ZeRO-3, FSDP2)."""
+        factors = (t for a in self.delta_base_update for t in self.lora_factors(a))
+        return is_partitioned(self.get_base_layer().weight) or any(is_partitioned(t) for t in factors)
+
     def has_meta_tensors(self) -> bool:
         """Whether some adapter tensor is still on "meta" (created empty, e.g. low_cpu_mem_usage, not loaded yet)."""
         return any(t.is_meta for a in self.delta_base_update for t in invariant.live_tensors(self, a))
@@ -276,7 +281,8 @@ class DeltaLoraLayer:
         state = self._delta_state
         if state.unchanged(self):
             return
-        if is_partitioned(self.get_base_layer().weight):
+        self._factored_cache.clear()  # whatever changed may not show in the tensors' stamps
+        if self.is_partitioned():
             return  # ZeRO-3 swaps the data of partitioned tensors around every forward: the updater syncs there
         self.sync_base_weight()  # by value: whatever changed (a loader may have replaced factors, anchors and flags)
 
@@ -286,17 +292,25 @@ class DeltaLoraLayer:
     def _sync_before_state_dict(module: DeltaLoraLayer, prefix: str, keep_vars: bool) -> None:
         # A saved W is the W the saved tensors describe: compare by value (sees .data writes). Whoever receives the
         # state dict holds the live tensors and may write them through .data: check again before the next forward.
+        if module.is_partitioned():
+            return  # ZeRO-3/FSDP: the state dict is taken inside the framework's own gather; the updater syncs
         module.sync_base_weight()
         module._delta_state.touch()
+
+    def match_anchor_dtypes(self, adapter: str) -> None:
+        """Keep the anchors and the flag in their factors' dtype (PEFT casts the factors after creating them)."""
+        a, b = self.lora_factors(adapter)
+        for store, like in ((self.lora_anchor_A, a), (self.lora_anchor_B, b), (self.lora_anchored, a)):
+            anchor = store[adapter]
+            if anchor.dtype != like.dtype and like.dtype.is_floating_point and not is_partitioned(anchor):
+                store[adapter] = anchor.to(like.dtype)
+                self._delta_state.touch()
 
     @staticmethod
     def _before_load(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
         module._loads_base_weight = f"{prefix}base_layer.weight" in state_dict
-        for adapter in module.lora_anchored.keys():  # anchors take the factors' dtype (and precision) when loaded
-            a, b = module.lora_factors(adapter)
-            for store, like in ((module.lora_anchor_A, a), (module.lora_anchor_B, b), (module.lora_anchored, a)):
-                if store[adapter].dtype != like.dtype and like.dtype.is_floating_point and like.device.type != "meta":
-                    store[adapter] = store[adapter].to(like.dtype)
+        for adapter in module.lora_anchored.keys():  # loaded anchors keep the factors' dtype (and precision)
+            module.match_anchor_dtypes(adapter)
 
     @staticmethod
     def _after_load(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
@@ -390,13 +404,13 @@ class DeltaLoraLayer:
             return self._factor_path(x, *self._factored_factors(adapter))
         if is_partitioned(a):
             return self._factor_path(x, *self._factored_factors(adapter))
-        key = invariant.stamp(invariant.live_tensors(self, adapter))
+        live = invariant.live_tensors(self, adapter)
         cached = self._factored_cache.get(adapter)
-        if cached is None or not invariant.same_stamp(cached[0], invariant.live_tensors(self, adapter)):
+        if cached is None or cached[0] != invariant.optimizer_steps() or not invariant.same_stamp(cached[1], live):
             with torch.no_grad():
-                cached = (key, *self._factored_factors(adapter))
+                cached = (invariant.optimizer_steps(), invariant.stamp(live), *self._factored_factors(adapter))
             self._factored_cache[adapter] = cached
-        return self._factor_path(x, cached[1], cached[2])
+        return self._factor_path(x, cached[2], cached[3])
 
     def _warn_if_not_driven(self) -> None:
         if self.delta_driven or self._delta_warned or not self.training or not torch.is_grad_enabled():

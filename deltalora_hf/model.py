@@ -131,6 +131,13 @@ class DeltaLoraModel(LoraModel):
             raise ValueError(_mismatch_message(adapter_name, config, mismatched))
         return remapped
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's cast of the adapter's factors (to float32 on a low-precision base); the anchors follow them."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        for layer in delta_lora_layers(self.model):
+            if adapter_name in layer.lora_anchored:
+                layer.match_anchor_dtypes(adapter_name)
+
     def set_adapter(self, adapter_name, *args: Any, **kwargs: Any) -> None:
         """PEFT's ``set_adapter``; then W holds exactly the new active adapters' moves (one grouped sync)."""
         super().set_adapter(adapter_name, *args, **kwargs)

@@ -88,7 +88,7 @@ def test_accelerate_loop_with_gradient_accumulation_matches_trainer(tmp_path, fr
     for key, w in w0.items():  # the comparison is not vacuous: W moved as Algorithm 1 says
         prefix = key[: -len(".base_layer.weight")]
         a, b = want[f"{prefix}.lora_A.default.weight"], want[f"{prefix}.lora_B.default.weight"]
-        a_k, b_k = want[f"{prefix}.lora_anchor_A.default"], want[f"{prefix}.lora_anchor_B.default"]
+        a_k, b_k = want[f"{prefix}.lora_anchor_A.default.weight"], want[f"{prefix}.lora_anchor_B.default.weight"]
         expected = RATIO * SCALE * (b @ a - b_k @ a_k)
         assert expected.abs().max() > 1e-4
         assert (want[key] - w - expected).abs().max() <= 1e-5

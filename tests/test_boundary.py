@@ -201,18 +201,18 @@ def test_every_loader_without_the_import_says_what_to_install_and_import(tmp_pat
     model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     model.save_pretrained(tmp_path / "adapter")
     for name, code in LOADERS.items():
-        script = textwrap.dedent(
-            f"""
-            import sys
-            from transformers import AutoModelForCausalLM
-            ADAPTER = {str(tmp_path / "adapter")!r}
-            base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
-            try:
-            {textwrap.indent(code, "    ")}
-            except Exception as error:
-                print("ERROR", type(error).__name__, error)
-            assert "deltalora_hf" not in sys.modules
-            """
+        script = "\n".join(
+            [
+                "import sys",
+                "from transformers import AutoModelForCausalLM",
+                f"ADAPTER = {str(tmp_path / 'adapter')!r}",
+                f"base = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r})",
+                "try:",
+                textwrap.indent(code, "    "),
+                "except Exception as error:",
+                "    print('ERROR', type(error).__name__, error)",
+                "assert 'deltalora_hf' not in sys.modules",
+            ]
         )
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
         assert "ERROR" in out, f"{name} loaded a Delta-LoRA adapter without deltalora_hf: {out}"

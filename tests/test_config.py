@@ -41,20 +41,22 @@ def test_bad_config_raises_clear_value_error(kwargs, match):
 def test_defaults_follow_the_paper_and_dropout_is_off():
     config = DeltaLoraConfig(target_modules=["q_proj"])
     assert (config.update_ratio, config.start_step, config.lora_dropout) == (2.0, 500, 0.0)
-    assert config.peft_type == PeftType.DELTALORA == "DELTALORA"
+    assert config.peft_type is PeftType.DELTALORA
 
 
-def test_peft_type_member_behaves_like_the_others():
+def test_peft_type_member_behaves_like_the_others_and_its_value_says_how_to_load_it():
     member = PeftType.DELTALORA
-    assert PeftType("DELTALORA") is member and PeftType["DELTALORA"] is member
-    assert member in list(PeftType) and isinstance(member, str) and member.value == "DELTALORA"
-    assert json.dumps({"peft_type": member}) == '{"peft_type": "DELTALORA"}'
+    assert PeftType["DELTALORA"] is member and PeftType(member.value) is member
+    assert PeftType("DELTALORA") is member  # what deltalora-hf 0.2 saved
+    assert member in list(PeftType) and isinstance(member, str)
+    assert "pip install deltalora-hf" in member.value and "import deltalora_hf" in member.value
+    assert json.loads(json.dumps({"peft_type": member})) == {"peft_type": member.value}
 
 
 def test_import_and_reload_are_idempotent():
     importlib.reload(deltalora_hf)
     importlib.reload(deltalora_hf)
-    assert [m for m in PeftType if m == "DELTALORA"] == [PeftType.DELTALORA]
+    assert [m for m in PeftType if m.name == "DELTALORA"] == [PeftType.DELTALORA]
     model = get_peft_model(tiny_llama(), deltalora_hf.DeltaLoraConfig(r=2, target_modules=["q_proj"]))
     assert isinstance(model.base_model, deltalora_hf.DeltaLoraModel)
 
@@ -64,7 +66,7 @@ def test_adapter_config_round_trips(tmp_path):
     model = get_peft_model(tiny_llama(), config)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "DELTALORA"
+    assert saved["peft_type"] == PeftType.DELTALORA.value
     assert (saved["update_ratio"], saved["start_step"], saved["base_update_rounding"]) == (0.25, 7, "stochastic")
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert type(loaded) is DeltaLoraConfig and loaded.peft_type == PeftType.DELTALORA

@@ -89,9 +89,9 @@ def assert_algorithm_1_moves(state: dict[str, torch.Tensor], *, inplace: bool) -
     w0 = initial_weights()
     moved = 0.0
     for prefix in targeted(state):
-        assert bool(state[f"{prefix}.lora_anchored.default"]), f"{prefix}: anchors were never recorded"
+        assert bool(state[f"{prefix}.lora_anchored.default.weight"]), f"{prefix}: anchors were never recorded"
         a, b = state[f"{prefix}.lora_A.default.weight"].double(), state[f"{prefix}.lora_B.default.weight"].double()
-        a_k, b_k = state[f"{prefix}.lora_anchor_A.default"].double(), state[f"{prefix}.lora_anchor_B.default"].double()
+        a_k, b_k = state[f"{prefix}.lora_anchor_A.default.weight"].double(), state[f"{prefix}.lora_anchor_B.default.weight"].double()
         change = state[f"{prefix}.base_layer.weight"].double() - w0[f"{prefix}.base_layer.weight"].double()
         expected = RATIO * SCALE * (b @ a - b_k @ a_k) if inplace else torch.zeros_like(change)
         assert (change - expected).abs().max().item() <= TOLERANCE, prefix

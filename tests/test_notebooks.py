@@ -129,7 +129,7 @@ def test_quickstart_glue_smoke(tmp_path, kernel):
     assert "RELOAD_OK" in log, "the reloaded adapter did not reproduce the trained logits"
     assert (out / "deltalora-mrpc-adapter" / "adapter_config.json").is_file()
     config = json.loads((out / "deltalora-mrpc-adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "DELTALORA"
+    assert config["peft_type"].startswith("DELTALORA")
 
 
 @pytest.mark.slow
