@@ -7,16 +7,32 @@ The rest of the package calls only these functions; DeepSpeed is imported lazily
   the factors of the in-place update, to log norms, to export).
 * :func:`used_in_forward`: a factor read by a layer's own ``forward`` outside the forward of the submodule that
   owns it (PEFT's embedding factors); ZeRO-3 is told to gather it with that layer.
-* :func:`check_writable_in_place` and :func:`add_low_rank_`: the in-place W update. Under ZeRO-3 each rank owns
-  one contiguous slice of the flattened W (``param.ds_tensor``); the update of that slice needs only the matching
-  elements of the rank-2r product, so every rank updates its own slice exactly, with no communication:
+* :func:`check_writable_in_place` and :func:`add_low_rank_`: the in-place W update, on each rank's own part of W
+  and with no communication beyond gathering the small factors.
+
+  Under ZeRO-3 each rank owns one contiguous slice of the flattened W (``param.ds_tensor``); the update of that
+  slice needs only the matching elements of the rank-2r product:
 
   .. math::
 
       W_{\text{flat}}[s:e] \mathrel{+}= \alpha\,\operatorname{vec}(U_{[i_0:i_1]} V)[s - i_0 k : e - i_0 k],
       \qquad i_0 = \lfloor s/k \rfloor,\ i_1 = \lceil e/k \rceil
 
-  (k columns of W as stored). A ``DTensor`` (FSDP2) or quantized W cannot be written this way and is refused.
+  (k columns of W as stored). A ``DTensor`` W (FSDP2's ``fully_shard``, transformers' native FSDP2 loading) holds
+  on each rank one block ``W[r_0:r_1, c_0:c_1]`` of W as stored (rows for ``Shard(0)``, columns for ``Shard(1)``,
+  all of a dimension for ``Replicate``), so
+
+  .. math::
+
+      W[r_0:r_1, c_0:c_1] \mathrel{+}= \alpha\, L_{[r_0:r_1]} R_{[:, c_0:c_1]}, \qquad
+      (L, R) = (U, V) \text{ or } (V^T, U^T) \text{ if W is stored transposed,}
+
+  computed by :func:`deltalora_hf.functional.add_low_rank_` on the local shard (the same stochastic rounding for
+  bfloat16/float16). The block is found from the DTensor's public ``placements`` and ``device_mesh`` with
+  ``torch.chunk``'s rule (how ``Shard`` splits a dimension, uneven sizes included) and checked against the local
+  shard's shape. Layouts without such a block (``Partial`` sums, strided shards of 2-D FSDP + TP meshes), a
+  tensor-parallel mesh dimension (``"tp"``, transformers' ``tp_plan``: not tested with LoRA), and quantized or
+  non-float W are refused, naming ``base_update="factored"``.
 """
 
 from __future__ import annotations
@@ -62,6 +78,12 @@ def gathered(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
         yield tuple(t.full_tensor() if is_dtensor(t) else t for t in tensors)
 
 
+def unsharded(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (``full_tensor()``: a collective, every rank must call it); anything else as is.
+    For tensors read outside :func:`gathered` (e.g. the adapter's state dict under FSDP2)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def full_values(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Like :func:`gathered` without a block: tensors that are not partitioned are returned as they are (no copy),
     partitioned ones as detached full copies."""
@@ -96,7 +118,8 @@ def write_full_(param: torch.Tensor, value: torch.Tensor) -> None:
     """In place: ``param = value`` where ``value`` is the whole (same on every rank) value of ``param``.
 
     A ZeRO-3 parameter is gathered, written and partitioned again (a collective: every rank must call it, in the
-    same order); a DTensor takes its own shard of ``value``; anything else is a plain ``copy_``.
+    same order); a DTensor takes its own block of ``value`` (:func:`copy_from_full_`); anything else is a plain
+    ``copy_``.
     """
     if is_zero3(param):
         import deepspeed
@@ -104,40 +127,91 @@ def write_full_(param: torch.Tensor, value: torch.Tensor) -> None:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             param.data.copy_(value)
         return
-    if is_dtensor(param):
-        from torch.distributed.tensor import distribute_tensor
-
-        param.copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements))
-        return
-    param.copy_(value)
+    copy_from_full_(param, value)
 
 
-def is_main_process() -> bool:
-    """Rank 0 of an initialized ``torch.distributed`` job, or a process that is not part of one."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not distributed or torch.distributed.get_rank() == 0
+def in_place_problem(weight: torch.Tensor) -> str | None:
+    """Why :func:`add_low_rank_` cannot update ``weight`` in place, or ``None`` if it can.
+
+    Plain floating-point tensors, ZeRO-3 partitions (updated slice by slice) and DTensors that hold a block of W on
+    each rank (FSDP2) can be written; quantized weights, ZeRO-3 layouts this module does not handle (NVMe offload,
+    hpZ secondary partitions, quantized frozen weights) and other DTensor layouts cannot.
+    """
+    if is_zero3(weight):
+        return _zero3_layout_problem(weight)
+    if is_dtensor(weight):
+        return _dtensor_layout_problem(weight)
+    if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
+        return f"it is a {type(weight.data).__name__} of dtype {weight.dtype} (quantized or not floating point)"
+    return None
 
 
 def check_writable_in_place(weight: torch.Tensor, name: str) -> None:
-    """Raise a ``RuntimeError`` unless :func:`add_low_rank_` can update ``weight`` in place.
+    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless :func:`add_low_rank_` can update
+    ``weight`` in place (see :func:`in_place_problem`)."""
+    reason = in_place_problem(weight)
+    if reason is None:
+        return
+    kind = "ZeRO-3 " if is_zero3(weight) else "sharded (DTensor) " if is_dtensor(weight) else ""
+    alternative = ", or drop that ZeRO-3 option" if is_zero3(weight) else ""
+    raise RuntimeError(
+        f"Delta-LoRA cannot update the {kind}base weight of {name} in place: {reason}. Use "
+        f"DeltaLoraConfig(base_update='factored'), which never writes W{alternative}."
+    )
 
-    Plain tensors and ZeRO-3 partitions (updated slice by slice) can be written; a DTensor (FSDP2), a quantized
-    weight, or a ZeRO-3 weight in a layout this module does not handle (NVMe offload, hpZ secondary partitions,
-    quantized frozen weights) cannot.
-    """
-    if is_zero3(weight):
-        reason = _zero3_layout_problem(weight)
-        if reason is None:
-            return
-        raise RuntimeError(
-            f"Delta-LoRA cannot update the ZeRO-3 base weight of {name} in place: {reason}. Use "
-            "DeltaLoraConfig(base_update='factored'), which never writes W, or drop that ZeRO-3 option."
+
+def _dtensor_layout_problem(weight: torch.Tensor) -> str | None:
+    from torch.distributed.tensor import Replicate, Shard
+
+    if weight.ndim != 2 or not weight.dtype.is_floating_point:
+        return f"it is not a 2-D floating-point matrix ({tuple(weight.shape)}, {weight.dtype})"
+    if "tp" in (weight.device_mesh.mesh_dim_names or ()):
+        return (
+            "it is split over a tensor-parallel mesh dimension ('tp', e.g. from transformers' tp_plan); the in-place "
+            "update supports FSDP2/HSDP shards only"
         )
-    if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
-        raise RuntimeError(
-            f"Delta-LoRA cannot update the {type(weight.data).__name__} base weight of {name} in place (sharded "
-            "by FSDP, or quantized). Use DeltaLoraConfig(base_update='factored'), which never writes W."
-        )
+    odd = [p for p in weight.placements if type(p) not in (Shard, Replicate)]  # _StridedShard subclasses Shard
+    if odd:
+        return f"its placement {odd[0]} gives no rank a plain block of W (supported: Shard, Replicate)"
+    with torch.no_grad():
+        local = weight.to_local()
+    if type(local) is not torch.Tensor:
+        return f"its local shard is a {type(local).__name__} (quantized?)"
+    block = _local_block(weight)
+    if block is not None and tuple(local.shape) != tuple(s.stop - s.start for s in block):
+        return f"its local shard {tuple(local.shape)} is not the block torch.chunk gives ({block})"
+    return None
+
+
+def _local_block(weight: torch.Tensor) -> tuple[slice, ...] | None:
+    """The block of the global ``weight`` that this rank's local shard holds (``None`` if the rank is not in the
+    mesh), for ``Shard``/``Replicate`` placements: mesh dimension after mesh dimension, ``Shard(d)`` splits what
+    is left of dimension d as ``torch.chunk`` does (chunks of ``ceil(n / size)``, the last ones shorter or empty)."""
+    mesh = weight.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    starts, sizes = [0] * weight.ndim, list(weight.shape)
+    for mesh_dim, placement in enumerate(weight.placements):
+        if placement.is_shard():
+            dim = placement.dim % weight.ndim
+            chunk = -(-sizes[dim] // mesh.size(mesh_dim))
+            offset = min(coordinate[mesh_dim] * chunk, sizes[dim])
+            starts[dim] += offset
+            sizes[dim] = min(chunk, sizes[dim] - offset)
+    return tuple(slice(start, start + size) for start, size in zip(starts, sizes))
+
+
+def copy_from_full_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` where ``value`` is the whole (e.g. gathered) value; a DTensor ``target`` gets the
+    block of ``value`` that its local shard holds (no communication)."""
+    if not is_dtensor(target):
+        target.copy_(value)
+        return
+    block = _local_block(target)
+    if block is not None:
+        with torch.no_grad():
+            target.to_local().copy_(value[block])
 
 
 def _zero3_layout_problem(weight: torch.Tensor) -> str | None:
@@ -164,8 +238,11 @@ def add_low_rank_(
     generator: torch.Generator | None = None,
 ) -> None:
     """``weight += alpha * U @ V`` (``(U @ V)^T`` if ``transposed``): :func:`deltalora_hf.functional.add_low_rank_`,
-    or, for a ZeRO-3 parameter, the same update of this rank's partition (and of the full value, if gathered)."""
+    or, for a ZeRO-3 parameter or a DTensor, the same update of this rank's part of W (see the module docstring)."""
     kwargs = {"transposed": transposed, "rounding": rounding, "generator": generator}
+    if is_dtensor(weight):
+        _add_low_rank_to_shard_(weight, u, v, alpha, **kwargs)
+        return
     if not is_zero3(weight):
         functional.add_low_rank_(weight, u, v, alpha, **kwargs)
         return
@@ -193,3 +270,16 @@ def add_low_rank_(
         return
     exact = local.float().add_(product, alpha=alpha)
     local.copy_(functional.stochastic_round(exact, local.dtype, generator) if rounding == "stochastic" else exact)
+
+
+def _add_low_rank_to_shard_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: float, **kwargs) -> None:
+    """The DTensor case of :func:`add_low_rank_`: this rank's block of W from the matching rows of L, columns of R."""
+    block = _local_block(weight)
+    with torch.no_grad():
+        local = weight.to_local()  # the storage FSDP2 gathers from: written in place, no communication
+    if block is None or local.numel() == 0:
+        return  # this rank holds nothing of W (uneven shards: the last ranks may be empty)
+    rows, cols = block
+    left, right = (v.T, u.T) if kwargs.pop("transposed") else (u, v)
+    left, right = left[rows].to(local.device), right[:, cols].to(local.device)  # e.g. FSDP2 CPU offload
+    functional.add_low_rank_(local, left, right, alpha, **kwargs)

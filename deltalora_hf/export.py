@@ -29,10 +29,13 @@ from .layer import DeltaLoraLayer
 
 def exported_factors(layer: DeltaLoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A_export, B_export)`` of one layer: rank ``2r``, same scale, relative to the original base."""
-    a, b = layer.lora_factors(adapter_name)
+    a, b = (_distributed.unsharded(t) for t in layer.lora_factors(adapter_name))
     ratio = layer.delta_update_ratio[adapter_name]
-    a_k, b_k = layer.lora_anchor_A[adapter_name], layer.lora_anchor_B[adapter_name]
-    if not bool(layer.lora_anchored[adapter_name]):  # the value, not a cache: it may have been written directly
+    a_k, b_k, flag = (
+        _distributed.unsharded(t)
+        for t in (layer.lora_anchor_A[adapter_name], layer.lora_anchor_B[adapter_name], layer.lora_anchored[adapter_name])
+    )
+    if not bool(flag):  # the value, not a cache: it may have been written directly
         ratio, a_k, b_k = 0.0, torch.zeros_like(a), torch.zeros_like(b)
     a_out = torch.cat([a, a_k.to(a.dtype)], dim=0)
     b_out = torch.cat([(1 + ratio) * b, -ratio * b_k.to(b.dtype)], dim=1)
@@ -72,7 +75,8 @@ def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_nam
     ``PeftModel.from_pretrained(original_base, save_directory)``. ``modules_to_save`` (e.g. a classifier head)
     are exported too. Size: twice a rank-r LoRA adapter of the same layers, plus any ``modules_to_save``.
 
-    Under DeepSpeed ZeRO-3 call it on every rank (the factors are gathered, a collective); rank 0 writes.
+    In a distributed job rank 0 writes. Under DeepSpeed ZeRO-3 and FSDP2 (``fully_shard``) call it on every rank:
+    the factors are gathered, a collective.
 
     In ``base_update="inplace"`` mode with a bfloat16/float16 base, the export is the exact telescoped change,
     while the W in memory also carries the rounding noise of its per-step updates.
@@ -87,6 +91,7 @@ def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_nam
         }
         state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
         state = {k: v for k, v in state.items() if not any(part.startswith("lora_anchor") for part in k.split("."))}
+        state = {k: _distributed.unsharded(v) for k, v in state.items()}  # FSDP2: whole values on every rank
         for name, layer in layers.items():
             a, b = exported_factors(layer, adapter_name)
             if f"{name}.lora_A.weight" in state:
@@ -94,8 +99,8 @@ def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_nam
             else:  # nn.Embedding keeps its factors as parameters, without ".weight"
                 state[f"{name}.lora_embedding_A"], state[f"{name}.lora_embedding_B"] = a, b
     out = Path(save_directory)
-    if any(_distributed.is_zero3(p) for p in params) and not _distributed.is_main_process():
-        return out  # every rank gathered; rank 0 writes
+    if not _distributed.is_main_process():
+        return out  # distributed: rank 0 writes (under ZeRO-3 and FSDP2 every rank had to gather)
     out.mkdir(parents=True, exist_ok=True)
     _lora_config(config, layers, adapter_name).save_pretrained(str(out))
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))

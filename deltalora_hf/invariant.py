@@ -111,16 +111,18 @@ class SyncState:
     the same tensors at the same versions. A layer with no in-place adapter has nothing to check.
     """
 
-    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps")
+    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps", "partitioned")
 
     def __init__(self) -> None:
         self.dirty, self.has_work, self.active, self.merged, self.watched, self.steps = True, True, None, -1, (), -1
+        self.partitioned = False  # W or a factor was split across ranks at the last sync (ZeRO-3, FSDP2)
 
     def touch(self) -> None:
         self.dirty = True
 
     def synced(self, layer: DeltaLoraLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
         self.dirty, self.has_work, self.steps = False, has_work, _optimizer_steps[0]
+        self.partitioned = layer.is_partitioned()
         self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
         self.watched = tuple((params, key, params[key], version(params[key])) for params, key in slots)
 
@@ -129,11 +131,16 @@ class SyncState:
             return False
         if not self.has_work:
             return True
-        if self.steps != _optimizer_steps[0]:
+        if (
+            self.steps != _optimizer_steps[0]
+            or layer._active_adapter is not self.active
+            or len(layer.merged_adapters) != self.merged
+        ):
             return False
-        if layer._active_adapter is not self.active or len(layer.merged_adapters) != self.merged:
-            return False
-        return all(params.get(key) is t and version(t) == v for params, key, t, v in self.watched)
+        for params, key, t, v in self.watched:
+            if params.get(key) is not t or version(t) != v:
+                return False
+        return True
 
 
 @dataclass
@@ -177,10 +184,10 @@ def applied_record(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, .
 
 
 def current_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
-    """``(A, B, A_K, B_K)`` now, whole and detached: what the record becomes once W holds this adapter's move."""
+    """``(A, B, A_K, B_K)`` now, whole: what the record becomes once W holds this adapter's move (read under
+    ``torch.no_grad``; the record stores copies)."""
     a, b = full_values(*layer.lora_factors(adapter))
-    a_k, b_k = full_values(layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
-    return a.detach(), b.detach(), a_k.detach(), b_k.detach()
+    return a, b, *full_values(layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
 
 
 def live_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
@@ -243,21 +250,25 @@ def _removal(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, ..
 
 def plan(
     layers: list[DeltaLoraLayer], applied: Iterable[str] | None, *, trust_stamps: bool
-) -> tuple[list[Move], list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]]]:
+) -> tuple[list[Move], list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]], list[DeltaLoraLayer]]:
     """The moves that bring every layer's W to the invariant for its applied adapters.
 
-    Returns the moves planned one by one (removals, whole moves) and the incremental candidates ``(layer, adapter,
-    current tensors)``, whose rank-2r factors :func:`_group_incremental` builds across layers. An adapter with a
+    Returns the moves planned one by one (removals, whole moves), the incremental candidates ``(layer, adapter,
+    current tensors)``, whose rank-2r factors :func:`_group_incremental` builds across layers, and the layers looked
+    at (with ``trust_stamps``, a layer whose forward check passes is not). An adapter with a
     record of the same scale keeps its move when its anchors are the recorded ones: with ``trust_stamps`` that is
     read from identities and version counters (and an adapter whose tensors all carry their record's stamps is left
     alone; a layer marked dirty is never trusted), otherwise all anchors are compared by value with one host sync.
     """
-    moves, incremental, to_compare = [], [], []
+    moves, incremental, to_compare, visited = [], [], [], []
     for layer in layers:
+        trust = trust_stamps and not layer._delta_state.dirty
+        if trust and applied is None and layer._delta_state.unchanged(layer):
+            continue  # no optimizer step, no event, the same factors at the same versions since its last sync
+        visited.append(layer)
         if not (layer.lora_applied_A or layer.has_inplace_adapters()) or layer.has_meta_tensors():
             continue
         target = layer.applied_adapters() if applied is None else layer.applied_adapters(applied)
-        trust = trust_stamps and not layer._delta_state.dirty
         for adapter in dict.fromkeys([*layer.lora_applied_A.keys(), *target]):
             record = applied_record(layer, adapter)
             if adapter not in target:
@@ -285,7 +296,7 @@ def plan(
                 moves += _replacement(layer, adapter, record, now)
             else:
                 incremental.append((layer, adapter, now))
-    return moves, incremental
+    return moves, incremental, visited
 
 
 def _replacement(layer, adapter, record, now=None) -> list[Move]:
@@ -326,9 +337,12 @@ def _group_incremental(
         u32, v32 = (u, v) if u.dtype in (torch.float32, torch.float64) else (u.float(), v.float())
         squares.append(((u32.mT @ u32) * (v32 @ v32.mT)).sum(dim=(1, 2)))  # ||U_i V_i||_F^2 from 2r x 2r Grams
         left, right = (v.mT, u.mT) if transposed else (u, v)  # W += alpha * left_i @ right_i
-        for i, (layer, adapter, now) in enumerate(items):
+        # the record's new factors are views of the stacks (torch._foreach_copy_ from a parameter would make the
+        # record require grad, even under no_grad)
+        views = zip(left.unbind(0), right.unbind(0), a_new.unbind(0), b_new.unbind(0))
+        for (layer, adapter, now), (left_i, right_i, a_i, b_i) in zip(items, views):
             scale = layer.delta_applied_scale[adapter]
-            moves.append(Move(layer, adapter, left[i], right[i], scale, now, True, None, oriented=True))
+            moves.append(Move(layer, adapter, left_i, right_i, scale, (a_i, b_i, *now[2:]), True, None, oriented=True))
     return moves, squares
 
 
@@ -420,16 +434,16 @@ def sync_layers(
     read; otherwise everything is compared by value (entry points), which also sees writes through ``.data``.
     """
     layers = list(layers)
-    with torch.no_grad(), torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) turns grad mode on
         refresh_flags(layers if not trust_stamps else [layer for layer in layers if layer._delta_state.dirty])
-        moves, candidates = plan(layers, applied, trust_stamps=trust_stamps)
+        moves, candidates, visited = plan(layers, applied, trust_stamps=trust_stamps)
         grouped, group_squares = _group_incremental(candidates)
         moves += grouped  # after the individual ones, as in `parts` below
         parts = [m.square.reshape(1).float() for m in moves if m.square is not None] + group_squares
         squares = [sq * m.alpha**2 for m, sq in zip(moves, _read_scalars(parts))]
         wrote = [_apply(m, sq, generator_for(m.layer)) for m, sq in zip(moves, squares)]
         _copy_records([m for m, w in zip(moves, wrote) if w and m.incremental])
-    for layer in layers:
+    for layer in visited:
         layer._mark_synced()
     return SyncResult(
         written=[m for m, w in zip(moves, wrote) if w],

@@ -230,7 +230,8 @@ class DeltaLoraLayer:
                 if not is_partitioned(anchor) and (anchor.dtype != value.dtype or anchor.shape != value.shape):
                     store[adapter_name] = torch.zeros_like(value, device=anchor.device)  # in the factors' dtype
                 write_full_(store[adapter_name], value)
-            write_full_(self.lora_anchored[adapter_name], torch.ones(1, dtype=a.dtype, device=a.device))
+            flag = self.lora_anchored[adapter_name]
+            write_full_(flag, torch.ones(1, dtype=flag.dtype, device=a.device))
         self._anchored[adapter_name] = True
         self._delta_state.touch()
 
@@ -282,8 +283,10 @@ class DeltaLoraLayer:
         if state.unchanged(self):
             return
         self._factored_cache.clear()  # whatever changed may not show in the tensors' stamps
-        if self.is_partitioned():
-            return  # ZeRO-3 swaps the data of partitioned tensors around every forward: the updater syncs there
+        if state.partitioned or self.is_partitioned():
+            # ZeRO-3 and FSDP2 swap whole copies of partitioned tensors in around every forward (a write there would
+            # be lost): the updater and the entry points sync these layers, outside the forward
+            return
         self.sync_base_weight()  # by value: whatever changed (a loader may have replaced factors, anchors and flags)
 
     # -- entry points ---------------------------------------------------------------------------------------------

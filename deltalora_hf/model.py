@@ -11,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import invariant
+from ._distributed import in_place_problem, is_dtensor
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, is_bnb_layer
 from .config import BaseUpdate, DeltaLoraConfig
 from .layer import SUPPORTED_BASE_LAYERS, DeltaLoraLayer, Embedding, Linear
@@ -41,11 +42,22 @@ def check_target(base: nn.Module, name: str, base_update: BaseUpdate) -> None:
             "floating-point weight (and bitsandbytes 4/8-bit linears with base_update='factored'). Remove this "
             "module from target_modules."
         )
-    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
-        hint = " or use base_update='factored'" if base_update == "inplace" else ""
+    if not weight.dtype.is_floating_point:
         raise ValueError(
-            f"Delta-LoRA cannot target '{name}': its weight is a {type(weight).__name__} of dtype {weight.dtype} "
-            f"(quantized or non-float), which Delta-LoRA does not support. Remove it from target_modules{hint}."
+            f"Delta-LoRA cannot target '{name}': its weight has dtype {weight.dtype}, not a floating-point dtype "
+            "(a quantized or integer weight), in either base-update mode. Remove it from target_modules."
+        )
+    if type(weight) not in (nn.Parameter, torch.Tensor) and not is_dtensor(weight):
+        raise ValueError(
+            f"Delta-LoRA cannot target '{name}': its weight is a {type(weight).__name__}, a tensor subclass "
+            "Delta-LoRA does not know (e.g. a quantized weight); plain tensors and DTensors (FSDP2) are supported. "
+            "Remove it from target_modules."
+        )
+    problem = in_place_problem(weight) if base_update == "inplace" and is_dtensor(weight) else None
+    if problem is not None:  # e.g. a tensor-parallel layout: refused now rather than at the first W update
+        raise ValueError(
+            f"Delta-LoRA cannot update the sharded base weight of '{name}' in place: {problem}. Use "
+            "DeltaLoraConfig(base_update='factored'), which never writes W."
         )
 
 

@@ -111,6 +111,8 @@ class DeltaLoraUpdater:
         key = _adapters_key(self.model)
         if key is None or key != self._layers_key:
             self._layers, self._layers_key = find_delta_lora_layers(self.model), key
+            for layer in self._layers:
+                layer.delta_driven = True  # silences the "training without an updater" warning
         return self._layers
 
     def start_run(self) -> int:
@@ -135,7 +137,6 @@ class DeltaLoraUpdater:
         layers = self.layers()
         factored_moved, anchored_before = 0, False
         for layer, adapter in _moving_adapters(layers):
-            layer.delta_driven = True
             if not layer.is_anchored(adapter):
                 if t >= layer.delta_start_step[adapter]:
                     layer.set_anchor(adapter)

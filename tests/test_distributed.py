@@ -1,4 +1,5 @@
-"""Delta-LoRA under data parallelism on CPU (gloo): DDP with Trainer, FSDP2 (``fully_shard``) with a plain loop.
+"""Delta-LoRA under DDP with Trainer on CPU (gloo), and the helpers of every multi-process test (FSDP2 in
+``test_fsdp2.py``, DeepSpeed in ``test_deepspeed.py``).
 
 Each distributed job is launched with ``python -m torch.distributed.run --standalone --nproc_per_node 2`` running a
 worker from ``tests/scripts/``; every rank writes its final state (W, A, B, anchors) to a safetensors file. The
@@ -8,7 +9,6 @@ global batches (run here, in-process, with the worker's own ``train`` function).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -64,31 +64,34 @@ def max_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) 
     return max((got[k].double() - want[k].double()).abs().max().item() for k in want)
 
 
-def targeted(state: dict[str, torch.Tensor]) -> list[str]:
-    """Module prefixes (``base_model.model.model.layers.0.self_attn.q_proj``) of the Delta-LoRA layers."""
+def targeted(state: dict[str, torch.Tensor], suffixes: tuple[str, ...] = TARGET_SUFFIXES) -> list[str]:
+    """Module prefixes (``base_model.model.model.layers.0.self_attn.q_proj``) of the Delta-LoRA layers: one per
+    suffix in each of the tiny Llama's 2 decoder layers."""
     prefixes = sorted(k[: -len(".base_layer.weight")] for k in state if k.endswith(".base_layer.weight"))
-    assert len(prefixes) == 4 and all(p.endswith(TARGET_SUFFIXES) for p in prefixes), prefixes
+    assert len(prefixes) == 2 * len(suffixes) and all(p.endswith(suffixes) for p in prefixes), prefixes
     return prefixes
 
 
-def initial_weights() -> dict[str, torch.Tensor]:
+def initial_weights(suffixes: tuple[str, ...] = TARGET_SUFFIXES, **model_overrides) -> dict[str, torch.Tensor]:
     """The base model's weights before any training, keyed as in the PEFT model's state dict."""
-    state = {f"base_model.model.{k}": v for k, v in tiny_llama().state_dict().items()}
+    state = {f"base_model.model.{k}": v for k, v in tiny_llama(**model_overrides).state_dict().items()}
     for key in list(state):
         module = key.rsplit(".", 1)[0]
-        if module.endswith(TARGET_SUFFIXES):
+        if module.endswith(suffixes):
             state[f"{module}.base_layer.{key.rsplit('.', 1)[1]}"] = state.pop(key)
     return state
 
 
-def assert_algorithm_1_moves(state: dict[str, torch.Tensor], *, inplace: bool) -> float:
+def assert_algorithm_1_moves(
+    state: dict[str, torch.Tensor], *, inplace: bool, suffixes: tuple[str, ...] = TARGET_SUFFIXES, **model_overrides
+) -> float:
     """W_T - W_0 == lambda*s*(B_T A_T - B_K A_K) (in place) or W_T == W_0 (factored); untargeted weights unchanged.
 
     Returns the largest |W_T - W_0| over the targeted layers, so callers can check that W really moved.
     """
-    w0 = initial_weights()
+    w0 = initial_weights(suffixes, **model_overrides)
     moved = 0.0
-    for prefix in targeted(state):
+    for prefix in targeted(state, suffixes):
         assert bool(state[f"{prefix}.lora_anchored.default.weight"]), f"{prefix}: anchors were never recorded"
         a, b = state[f"{prefix}.lora_A.default.weight"].double(), state[f"{prefix}.lora_B.default.weight"].double()
         a_k, b_k = state[f"{prefix}.lora_anchor_A.default.weight"].double(), state[f"{prefix}.lora_anchor_B.default.weight"].double()
@@ -130,57 +133,3 @@ def test_ddp_trainer_ranks_are_bit_identical_and_match_one_process_on_the_same_g
 
     moved = assert_algorithm_1_moves(ranks[0], inplace=True)
     assert moved > 1e-4  # W did move, on every rank alike
-
-
-# -- FSDP2: fully_shard + DeltaLoraUpdater in a plain loop ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory) -> Path:
-    """One 2-rank FSDP2 job training both base-update modes in turn (one launch: the imports dominate)."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    torchrun(
-        "fsdp2_loop.py",
-        "--out",
-        str(out),
-        "--modes",
-        "inplace,factored",
-        "--steps",
-        str(STEPS),
-        "--start-step",
-        str(START_STEP),
-    )
-    return out
-
-
-def test_fsdp2_factored_mode_matches_one_process_and_never_writes_w(fsdp2_run):
-    from .scripts import fsdp2_loop
-
-    ranks = load_ranks(fsdp2_run, "factored.")
-    assert not list(fsdp2_run.glob("factored.rank*.error.json"))
-    assert_ranks_bit_identical(ranks)
-
-    reference, error = fsdp2_loop.train("factored", STEPS, START_STEP, distributed=False)
-    assert error is None, error
-    difference = max_difference(ranks[0], reference)
-    print(f"\nFSDP2 factored (2 ranks x 2 rows) vs one process (4 rows): max |difference| {difference:.2e}")
-    assert difference <= TOLERANCE
-    assert_algorithm_1_moves(ranks[0], inplace=False)  # W_T == W_0; the move lives in the factors and anchors
-
-
-# In-place mode under FSDP2: W is a sharded DTensor that the updater cannot write, so it must refuse with an
-# error that points to base_update="factored", before W is touched.
-def test_fsdp2_inplace_mode_refuses_clearly_and_leaves_w_untouched(fsdp2_run):
-    errors = [json.loads((fsdp2_run / f"inplace.rank{r}.error.json").read_text()) for r in range(WORLD)]
-    assert_ranks_bit_identical(load_ranks(fsdp2_run, "inplace."))
-    for error in errors:
-        assert error["step"] <= START_STEP + 1, "the refusal must come no later than the first W update"
-        with pytest.raises(RuntimeError, match="factored"):
-            raise {"RuntimeError": RuntimeError, "ValueError": ValueError, "TypeError": TypeError}.get(
-                error["type"], Exception
-            )(error["message"])
-    state = load_ranks(fsdp2_run, "inplace.")[0]
-    w0 = initial_weights()
-    for prefix in targeted(state):
-        key = f"{prefix}.base_layer.weight"
-        assert torch.equal(state[key], w0[key]), f"{key} was written before the refusal"
