@@ -130,6 +130,12 @@ def write_full_(param: torch.Tensor, value: torch.Tensor) -> None:
     copy_from_full_(param, value)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of an initialized ``torch.distributed`` job, or a process that is not part of one."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
+
+
 def in_place_problem(weight: torch.Tensor) -> str | None:
     """Why :func:`add_low_rank_` cannot update ``weight`` in place, or ``None`` if it can.
 

@@ -15,17 +15,20 @@ What an adapter is, and how it travels
 --------------------------------------
 A Delta-LoRA adapter is its factors, its anchors ``(A_K, B_K)``, its anchored flag and, in in-place mode, the move
 W holds for it. Other libraries treat an adapter as its *parameters*: TRL builds its DPO/KTO/GRPO/RLOO reference by
-copying every parameter named ``.default.`` into a new ``"ref"`` adapter, hotswapping walks a state dict and writes
-through ``.data``, users copy ``p.data``. Three designs were weighed:
+copying every parameter named ``.default.`` into a new ``"ref"`` adapter, PEFT's hotswap walks a state dict and
+writes through ``.data``, users copy ``p.data``. Three designs were weighed:
 
-1. **Anchors and flag are frozen parameters** (chosen), registered per adapter like the factors
-   (``lora_anchor_A.<adapter>.weight``, ``lora_anchor_B.<adapter>.weight``, ``lora_anchored.<adapter>.weight``).
-   Every copy by parameter name or state-dict key then carries the whole adapter, and nothing is needed on the
-   copier's side: TRL's reference adapter is the trained policy. They never train: ``requires_grad=False``, not in
-   PEFT's ``adapter_layer_names`` (so ``set_adapter`` never unfreezes them), detached in the forward. PEFT's "all
-   params" count includes them (its trainable count does not); ZeRO-3 and FSDP2 partition them like the factors.
-2. Recognising a fresh adapter whose factors were overwritten by value: a guess about *which* adapter it was
-   copied from. Rejected.
+1. Anchors and flag as frozen parameters, so that copies by parameter name carry them. Tried, and rejected: many
+   frameworks treat frozen parameters as "the base model" and leave them out of what they save. DeepSpeed ZeRO-3's
+   consolidated state dict with ``exclude_frozen_parameters=True`` (what Trainer uses for PEFT models) silently
+   dropped every anchor from the saved adapter; they would also change PEFT's parameter counts and be partitioned
+   by ZeRO-3 and FSDP2 like the factors.
+2. **Recognising a copy** (chosen): the anchors and flag stay saved buffers (every framework keeps buffers in its
+   state dicts), registered as ``lora_anchor_A.<adapter>.weight`` like the factors (so hotswap finds their layer).
+   At the next entry point (``set_adapter``, which is how TRL switches to its reference), an adapter that is not
+   anchored but whose factors equal, bit for bit, those of an anchored adapter of the same layer is that adapter's
+   copy and takes its anchors and flag (:func:`adopt_copied_anchors`). A fresh adapter cannot match trained
+   factors by chance; copying an adapter's parameters means copying the adapter.
 3. Refusing: kept for what cannot be exact (``add_weighted_adapter`` over adapters whose W has moved, tensor
    scalings), always before anything is changed, with the fix in the message.
 
@@ -98,8 +101,16 @@ def stamp(tensors: Iterable[torch.Tensor]) -> tuple[tuple[torch.Tensor, int], ..
     return tuple((t, version(t)) for t in tensors)
 
 
-def same_stamp(seen: tuple[tuple[torch.Tensor, int], ...], tensors: Iterable[torch.Tensor]) -> bool:
-    return all(t is old and version(t) == v for (old, v), t in zip(seen, tensors))
+def same_stamp(seen: tuple[tuple[torch.Tensor, int | None], ...], tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether ``tensors`` carry the stamps ``seen`` (a version of None: compared by identity only)."""
+    return all(t is old and (v is None or version(t) == v) for (old, v), t in zip(seen, tensors))
+
+
+def adapter_stamp(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, int | None], ...]:
+    """Stamps of an adapter's ``(A, B, A_K, B_K, flag)``: the factors by identity and version, the anchors and the
+    flag by identity only (they change only through the entry points, while DDP rewrites buffers in place on every
+    forward pass)."""
+    return (*stamp(tensors[:2]), *((t, None) for t in tensors[2:]))
 
 
 class SyncState:
@@ -214,7 +225,7 @@ def set_record(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, 
         else:
             store[adapter] = value.detach().clone()
     layer.delta_applied_scale[adapter] = scale
-    layer.delta_applied_stamp[adapter] = (_optimizer_steps[0], stamp(live_tensors(layer, adapter)))
+    layer.delta_applied_stamp[adapter] = (_optimizer_steps[0], adapter_stamp(live_tensors(layer, adapter)))
 
 
 def unchanged(layer: DeltaLoraLayer, adapter: str, parts: slice = slice(None)) -> bool:
@@ -263,7 +274,8 @@ def plan(
     moves, incremental, to_compare, visited = [], [], [], []
     for layer in layers:
         trust = trust_stamps and not layer._delta_state.dirty
-        if trust and applied is None and layer._delta_state.unchanged(layer):
+        state = layer._delta_state
+        if trust and applied is None and not state.partitioned and state.unchanged(layer):
             continue  # no optimizer step, no event, the same factors at the same versions since its last sync
         visited.append(layer)
         if not (layer.lora_applied_A or layer.has_inplace_adapters()) or layer.has_meta_tensors():
@@ -401,7 +413,7 @@ def _copy_records(moves: list[Move]) -> None:
             dst, src = by_kind.setdefault((store.dtype, store.device), ([], []))
             dst.append(store)
             src.append(value)
-        m.layer.delta_applied_stamp[m.adapter] = (_optimizer_steps[0], stamp(live_tensors(m.layer, m.adapter)))
+        m.layer.delta_applied_stamp[m.adapter] = (_optimizer_steps[0], adapter_stamp(live_tensors(m.layer, m.adapter)))
     for dst, src in by_kind.values():
         torch._foreach_copy_(dst, src)
 
@@ -417,6 +429,33 @@ def refresh_flags(layers: list[DeltaLoraLayer]) -> None:
     values = _read_scalars([flag.reshape(1).float() for _, _, flag in flags])
     for (layer, adapter, _), value in zip(flags, values):
         layer._anchored[adapter] = value != 0.0
+
+
+def adopt_copied_anchors(layers: list[DeltaLoraLayer]) -> None:
+    """Give an adapter copied parameter by parameter from an anchored one the anchors and flag it lacks.
+
+    TRL builds the reference of DPO, KTO, GRPO and RLOO by adding an adapter and copying every parameter of
+    ``"default"`` into it, which leaves out the anchors (buffers). An adapter that is not anchored but whose factors
+    equal, bit for bit, those of an anchored adapter of the same layer is such a copy: it takes that adapter's
+    anchors and flag. One host sync for all layers; nothing is compared unless a layer holds both kinds.
+    """
+    pairs, same = [], []
+    for layer in layers:
+        ratios = layer.delta_update_ratio
+        anchored = [a for a in ratios if ratios[a] != 0.0 and layer.is_anchored(a)]
+        fresh = [a for a in ratios if ratios[a] != 0.0 and not layer.is_anchored(a)]
+        if not anchored or not fresh or layer.is_partitioned() or layer.has_meta_tensors():
+            continue
+        for copy in fresh:
+            xa, xb = layer.lora_factors(copy)
+            for source in anchored:
+                ya, yb = layer.lora_factors(source)
+                if (xa.shape, xb.shape, xa.dtype, xb.dtype) == (ya.shape, yb.shape, ya.dtype, yb.dtype):
+                    pairs.append((layer, copy, source))
+                    same.append((xa == ya).all() & (xb == yb).all())
+    for (layer, copy, source), equal in zip(pairs, _read_flags(same) if same else []):
+        if equal and not layer.is_anchored(copy):
+            layer.copy_anchors(source, copy)
 
 
 def sync_layers(
@@ -435,7 +474,9 @@ def sync_layers(
     """
     layers = list(layers)
     with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) turns grad mode on
-        refresh_flags(layers if not trust_stamps else [layer for layer in layers if layer._delta_state.dirty])
+        checked = layers if not trust_stamps else [layer for layer in layers if layer._delta_state.dirty]
+        refresh_flags(checked)
+        adopt_copied_anchors(checked)
         moves, candidates, visited = plan(layers, applied, trust_stamps=trust_stamps)
         grouped, group_squares = _group_incremental(candidates)
         moves += grouped  # after the individual ones, as in `parts` below

@@ -2,8 +2,8 @@ r"""Delta-LoRA layers: PEFT's LoRA layers plus the anchors of the base-weight up
 
 Per adapter (dropout is forced off by the config) a layer keeps, besides LoRA's ``lora_A``/``lora_B``:
 
-* ``lora_anchor_A`` / ``lora_anchor_B`` and the flag ``lora_anchored``: frozen parameters (saved with the adapter)
-  holding the factors ``(A_K, B_K)`` when W started to move, and 1 once it did. The W updates telescope, so an
+* ``lora_anchor_A`` / ``lora_anchor_B`` and the flag ``lora_anchored``: buffers (saved with the adapter) holding
+  the factors ``(A_K, B_K)`` when W started to move, and 1 once it did. The W updates telescope, so an
   anchored adapter's whole change of W is its *move* ``lambda * s * (B A - B_K A_K)``.
 * in ``"inplace"`` mode, the record of the move W holds (not saved); see :mod:`deltalora_hf.invariant`, which
   keeps W in step with the adapters on every path.
@@ -35,26 +35,28 @@ from .functional import Rounding, delta_factors, scale_grad
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.Embedding)
 
 
-class _Frozen(nn.Module):
-    """One frozen parameter, named ``weight`` like the factors' (so its key is ``<container>.<adapter>.weight``)."""
+class _Anchor(nn.Module):
+    """One saved buffer, named ``weight`` like the factors' parameters (its key is ``<container>.<adapter>.weight``)."""
 
     def __init__(self, value: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(value, requires_grad=False)
+        self.register_buffer("weight", value, persistent=True)
 
 
 class AnchorDict(nn.Module):
-    """Adapter name -> frozen parameter, registered as ``<adapter>.weight``; indexing gives the parameter.
+    """Adapter name -> saved buffer, registered as ``<adapter>.weight``; indexing gives the tensor.
 
-    The names follow PEFT's ``lora_A.<adapter>.weight``, so that libraries which copy or swap an adapter by its
-    parameter names (TRL's reference adapter, PEFT's hotswap) carry the anchors with the factors.
+    Buffers, not frozen parameters: frameworks keep buffers in every state dict they build, while many leave frozen
+    parameters out as "the base model" (e.g. DeepSpeed's ZeRO-3 save with ``exclude_frozen_parameters``, which
+    Trainer uses for PEFT models). The names follow PEFT's ``lora_A.<adapter>.weight``, so that a state-dict walk
+    (PEFT's hotswap) finds the layer of every key.
     """
 
-    def __getitem__(self, adapter: str) -> nn.Parameter:
+    def __getitem__(self, adapter: str) -> torch.Tensor:
         return self._modules[adapter].weight
 
     def __setitem__(self, adapter: str, value: torch.Tensor) -> None:
-        self.add_module(adapter, _Frozen(value.detach()))
+        self.add_module(adapter, _Anchor(value.detach()))
 
     def __delitem__(self, adapter: str) -> None:
         del self._modules[adapter]
@@ -71,7 +73,7 @@ class AnchorDict(nn.Module):
     def keys(self) -> list[str]:
         return list(self._modules)
 
-    def items(self) -> list[tuple[str, nn.Parameter]]:
+    def items(self) -> list[tuple[str, torch.Tensor]]:
         return [(k, m.weight) for k, m in self._modules.items()]
 
 
@@ -233,6 +235,16 @@ class DeltaLoraLayer:
             flag = self.lora_anchored[adapter_name]
             write_full_(flag, torch.ones(1, dtype=flag.dtype, device=a.device))
         self._anchored[adapter_name] = True
+        self._delta_state.touch()
+
+    def copy_anchors(self, source: str, target: str) -> None:
+        """Give adapter ``target`` the anchors and flag of adapter ``source`` (see ``adopt_copied_anchors``)."""
+        with torch.no_grad():
+            for store in (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored):
+                if store[target].shape != store[source].shape or store[target].dtype != store[source].dtype:
+                    store[target] = torch.zeros_like(store[source])
+                store[target].copy_(store[source])
+        self._anchored[target] = self._anchored.get(source, False)
         self._delta_state.touch()
 
     def move_scale(self, adapter_name: str) -> float:
@@ -411,7 +423,7 @@ class DeltaLoraLayer:
         cached = self._factored_cache.get(adapter)
         if cached is None or cached[0] != invariant.optimizer_steps() or not invariant.same_stamp(cached[1], live):
             with torch.no_grad():
-                cached = (invariant.optimizer_steps(), invariant.stamp(live), *self._factored_factors(adapter))
+                cached = (invariant.optimizer_steps(), invariant.adapter_stamp(live), *self._factored_factors(adapter))
             self._factored_cache[adapter] = cached
         return self._factor_path(x, cached[2], cached[3])
 

@@ -34,19 +34,19 @@ def assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_anchors_are_frozen_parameters_named_like_the_factors(mode, tmp_path):
+def test_anchors_are_saved_buffers_named_like_the_factors(mode, tmp_path):
     model = trained(tmp_path, mode)
-    names = dict(model.named_parameters())
-    anchors = [n for n in names if ".lora_anchor" in n]
-    assert anchors and all(".default." in n for n in anchors)  # what TRL's ".default." -> ".ref." copy matches
-    assert not any(names[n].requires_grad for n in anchors)
-    trainable = {n for n, p in names.items() if p.requires_grad}
-    assert trainable == {n for n in names if ".lora_A." in n or ".lora_B." in n}
+    buffers = [n for n, _ in model.named_buffers() if ".lora_anchor" in n]
+    assert buffers and all(n.endswith(".default.weight") for n in buffers)
+    assert not any(".lora_anchor" in n for n, _ in model.named_parameters())  # PEFT's counts are LoRA's
+    state = get_peft_model_state_dict(model)
+    assert {k.rsplit(".", 2)[-2] for k in state if ".lora_anchor" in k} == {"lora_anchor_A", "lora_anchor_B", "lora_anchored"}
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_copy_by_parameter_names_carries_the_whole_adapter(mode, tmp_path):
-    """TRL's reference adapter: add an adapter, copy every ``.default.`` parameter into it through ``.data``."""
+    """TRL's reference adapter: add an adapter, copy every ``.default.`` parameter into it through ``.data``; the
+    anchors (buffers) are not copied, and the copy is recognised at set_adapter."""
     model = trained(tmp_path, mode)
     tensors = adapter_tensors(model)
     model.add_adapter("ref", model.peft_config["default"])

@@ -99,8 +99,8 @@ def effective_model(state: dict[str, torch.Tensor], mode: str) -> torch.nn.Modul
         a, b = state[f"{prefix}.lora_A.default.weight"].double(), state[f"{prefix}.lora_B.default.weight"].double()
         w = w0[f"{prefix}.base_layer.weight"].double() + SCALE * b @ a
         if mode != "lora":
-            a_k = state[f"{prefix}.lora_anchor_A.default"].double()
-            b_k = state[f"{prefix}.lora_anchor_B.default"].double()
+            a_k = state[f"{prefix}.lora_anchor_A.default.weight"].double()
+            b_k = state[f"{prefix}.lora_anchor_B.default.weight"].double()
             w += RATIO * SCALE * (b @ a - b_k @ a_k)
         plain[f"{prefix.removeprefix('base_model.model.')}.weight"] = w.float()
     model = tiny_llama(**MODEL)
@@ -122,7 +122,7 @@ def check_saved(directory: Path, run: str, reference: dict[str, torch.Tensor], l
             print(line)
             return
         saved = load_file(directory / run / "adapter" / "adapter_model.safetensors")
-        assert any(k.endswith("lora_anchor_A") for k in saved) and any(k.endswith("lora_anchored") for k in saved)
+        assert any(k.endswith("lora_anchor_A.weight") for k in saved) and any(k.endswith("lora_anchored.weight") for k in saved)
         exported = PeftModel.from_pretrained(tiny_llama(**MODEL), directory / run / "export").eval()  # plain LoRA
         export_difference = (exported(ids).logits - expected).abs().max().item()
     print(f"{line}; export_lora (plain LoRA, rank 8) {export_difference:.2e}")

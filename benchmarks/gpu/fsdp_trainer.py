@@ -144,7 +144,7 @@ def algorithm_1_error(state: dict, w0: dict, scale: float, inplace: bool) -> tup
             continue
         prefix = key.removesuffix(".base_layer.weight")
         a, b = state[f"{prefix}.lora_A.default.weight"], state[f"{prefix}.lora_B.default.weight"]
-        a_k, b_k = state[f"{prefix}.lora_anchor_A.default"], state[f"{prefix}.lora_anchor_B.default"]
+        a_k, b_k = state[f"{prefix}.lora_anchor_A.default.weight"], state[f"{prefix}.lora_anchor_B.default.weight"]
         move = scale * (b @ a - b_k @ a_k)
         error = max(error, (w - w0[key] - (move if inplace else 0.0)).abs().max().item())
         moved = max(moved, move.abs().max().item())
