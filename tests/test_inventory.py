@@ -77,10 +77,7 @@ INIT = (
 )
 QUANT = "reads quantisation metadata of a base layer or model; no adapter tensors"
 SIGNATURE = "copies a docstring/signature onto the PeftModel; cosmetic"
-REQUIRES_GRAD = (
-    "sets requires_grad of the factors (adapter_layer_names); the anchors are not among them and are detached in "
-    "the forward"
-)
+REQUIRES_GRAD = "sets requires_grad of the factors (adapter_layer_names), no values; the anchors are buffers"
 ACCELERATOR = (
     "moves every tensor to an accelerator CI does not have; the same nn.Module._apply as to()/double() (exact)"
 )
@@ -260,6 +257,18 @@ def tuner_unmerge_adapter(case: Case):
 
 
 # -- layers (every Delta-LoRA layer of the model: Linear for q_proj/v_proj, Embedding for embed_tokens) -----------
+
+
+def layer_copy_anchors(case: Case):
+    """Adapter "other" takes the anchors and flag of "default": "default" unchanged, "other" the model of its
+    factors with those anchors."""
+    case.with_other()
+    on_layers(case, lambda layer: layer.copy_anchors("default", "other"))
+    default = logits(case.model), case.trained.want
+    case.model.set_adapter("other")
+    copied = adapter_state(case.model, "other")
+    assert all(torch.equal(copied[n]["a_k"], t["a_k"]) for n, t in case.trained.state.items())
+    return both(default, (logits(case.model), reference(copied)))
 
 
 def layer_delete_adapter(case: Case):
@@ -515,6 +524,15 @@ def module_register_parameter(case: Case):
     return logits(case.model), reference(adapter_state(case.model))
 
 
+def module_register_buffer(case: Case):
+    """An anchor replaced by a new buffer (a new tensor object, half the old values): the model of the new tensors."""
+    for layer in delta_layers(case.model).values():
+        for store in (layer.lora_anchor_A, layer.lora_anchor_B):
+            holder = store.get_submodule("default")
+            holder.register_buffer("weight", 0.5 * store["default"].detach().clone())
+    return logits(case.model), reference(adapter_state(case.model))
+
+
 def module_compile(case: Case):
     case.model.compile(backend="eager")  # Dynamo traces the forward (the layer's check is skipped there)
     return logits(case.model), case.trained.want
@@ -723,6 +741,7 @@ INVENTORY: dict[str, Exact | Refused | Unrelated] = {
     "layer.applied_adapters": Unrelated(GETTER),
     "layer.bias": Unrelated("the base layer's bias, which Delta-LoRA never changes"),
     "layer.corda_init": Unrelated(INIT),
+    "layer.copy_anchors": Exact(layer_copy_anchors),
     "layer.delete_adapter": Exact(layer_delete_adapter),
     "layer.delta_param_names": Unrelated(METADATA),
     "layer.disable_adapters": Unrelated(GETTER),
@@ -815,7 +834,7 @@ INVENTORY: dict[str, Exact | Refused | Unrelated] = {
     "nn.Module.named_parameters": Unrelated(ITERATOR),
     "nn.Module.parameters": Unrelated(ITERATOR),
     "nn.Module.register_backward_hook": Unrelated(HOOK),
-    "nn.Module.register_buffer": Unrelated("adds a buffer of the user's; Delta-LoRA's tensors are parameters"),
+    "nn.Module.register_buffer": Exact(module_register_buffer),
     "nn.Module.register_forward_hook": Unrelated(HOOK),
     "nn.Module.register_forward_pre_hook": Unrelated(HOOK),
     "nn.Module.register_full_backward_hook": Unrelated(HOOK),
@@ -829,7 +848,7 @@ INVENTORY: dict[str, Exact | Refused | Unrelated] = {
     "nn.Module.register_state_dict_post_hook": Unrelated(HOOK),
     "nn.Module.register_state_dict_pre_hook": Unrelated(HOOK),
     "nn.Module.requires_grad_": Unrelated(
-        "sets requires_grad flags, no values; the anchors are detached in the forward, so they get no gradient"
+        "sets requires_grad flags of parameters, no values (the anchors are buffers)"
     ),
     "nn.Module.set_extra_state": Unrelated("no module of the model defines extra state"),
     "nn.Module.set_submodule": Exact(replaced_lora_b(lambda m, path, new: m.set_submodule(f"{path}.default", new))),
