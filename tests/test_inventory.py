@@ -883,9 +883,11 @@ INVENTORY: dict[str, Exact | Refused | Unrelated] = {
         "computes an EVA initialisation from activations (init_lora_weights='eva', which DeltaLoraConfig refuses)"
     ),
     "peft.tuners.lora.eva.initialize_lora_eva_weights": Unrelated(
-        INIT + "; PEFT raises unless init_lora_weights='eva'"
+        "EVA initialisation: PEFT raises unless init_lora_weights='eva', which DeltaLoraConfig refuses"
     ),
-    "peft.tuners.lora.loraga.preprocess_loraga": Unrelated(INIT + " (lora_ga_config)"),
+    "peft.tuners.lora.loraga.preprocess_loraga": Unrelated(
+        "LoRA-GA preprocessing for a lora_ga_config, which DeltaLoraConfig refuses"
+    ),
     "peft.tuners.tuners_utils.cast_adapter_dtype": Exact(fn_cast_adapter_dtype),
     "peft.tuners.tuners_utils.delete_adapter": Exact(fn_functional_delete_adapter),
     "peft.tuners.tuners_utils.set_adapter": Exact(fn_functional_set_adapter),
