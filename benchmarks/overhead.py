@@ -33,9 +33,12 @@ GPT-2 small. Rows:
    tokens/s, at 12 layers x 128 dims (host-bound, as on a GPU) and at GPT-2 small width; Delta-LoRA adapters
    anchored and W moved before generating, so the real path is measured. GPT-2's vocabulary is kept.
 
-Compare only ratios measured in the same run: the machine may be shared (the load average is printed).
+Times on the CPU are the process's CPU time by default (``--clock cpu``): with one thread it is the call's own
+work, which stays comparable when other jobs share the cores (``--clock wall`` for wall time); on a GPU they are
+CUDA events. Compare only ratios measured in the same run: the machine may be shared (the load average is printed).
 
-Run: ``python benchmarks/overhead.py [--reps 12] [--threads 1] [--out benchmarks/results/overhead]``;
+Run: ``python benchmarks/overhead.py [--reps 12] [--large-reps 6] [--threads 1] [--clock cpu] [--out DIR]``
+(default ``--out benchmarks/results/overhead``);
 ``--quick`` uses tiny sizes (a check of the script, meaningless numbers). Writes ``overhead.md`` and
 ``overhead.json`` to ``--out``. ``benchmarks/perf_gpu.py`` runs the same measurements on CUDA.
 """
@@ -53,7 +56,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -173,27 +176,43 @@ def count_host_reads(fn: Callable[[], object]) -> Counter[str]:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Seconds taken by ``fn()``: CUDA events on a GPU (the queue drained first), ``perf_counter`` on the CPU."""
-    if device.type == "cuda":
+Clock = Literal["cpu", "wall"]
 
-        def timed_cuda(fn: Callable[[], object]) -> float:
-            torch.cuda.synchronize(device)
+
+@dataclass(frozen=True)
+class Target:
+    """Where the rows run, and how a call is timed.
+
+    On a GPU: CUDA events (the queue drained first), i.e. the device's time including the gaps the host leaves.
+    On the CPU: ``clock="cpu"`` is the process's CPU time (``time.process_time``; with one thread, the work of the
+    call without the time other processes held the core: robust on a shared machine), ``"wall"`` is
+    ``time.perf_counter``.
+    """
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    clock: Clock = "cpu"
+
+    def timed(self, fn: Callable[[], object]) -> float:
+        """Seconds taken by ``fn()``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-
-        return timed_cuda
-
-    def timed_cpu(fn: Callable[[], object]) -> float:
-        started = time.perf_counter()
+        now = time.process_time if self.clock == "cpu" else time.perf_counter
+        started = now()
         fn()
-        return time.perf_counter() - started
+        return now() - started
 
-    return timed_cpu
+    @property
+    def clock_name(self) -> str:
+        if self.device.type == "cuda":
+            return "CUDA events"
+        return "process CPU time (time.process_time)" if self.clock == "cpu" else "wall time (time.perf_counter)"
 
 
 def interleaved(
@@ -260,12 +279,10 @@ QUICK = Sizes(
 )
 
 
-def build(
-    variant: str, overrides: dict, r: int, device: torch.device, dtype: torch.dtype, moved: bool = False
-) -> tuple[nn.Module, Any]:
-    """``perf.build``'s model on ``device``. ``moved``: anchored, factors changed, W moved (LoRA: factors changed)."""
-    with device:  # parameters created where they are used (a 0.5B init on the host is slow)
-        model, updater = perf.build(VARIANT[variant], 0, dtype, r, overrides)
+def build(variant: str, overrides: dict, r: int, target: Target, moved: bool = False) -> tuple[nn.Module, Any]:
+    """``perf.build``'s model on the target. ``moved``: anchored, factors changed, W moved (LoRA: factors changed)."""
+    with target.device:  # parameters created where they are used (a 0.5B init on the host is slow)
+        model, updater = perf.build(VARIANT[variant], 0, target.dtype, r, overrides)
     if moved:
         if updater is not None:
             updater.step()  # start_step 0: anchors
@@ -290,17 +307,15 @@ def targeted_layers(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- rows
 
 
-def updater_costs(
-    mode: Mode, sizes: Sizes, device: torch.device, dtype: torch.dtype, reps: int, fast_reps: int
-) -> dict[str, Any]:
+def updater_costs(mode: Mode, sizes: Sizes, target: Target, reps: int, fast_reps: int) -> dict[str, Any]:
     """Rows 1-3 for one mode: ops and host reads of a step after the factors changed and of one with no change,
     the time of both (``reps`` and ``fast_reps`` calls), and the update's achieved bandwidth (2 x W bytes, W read
     and written once, over the time of a step after the factors changed; meaningful in place only)."""
-    model, updater = build(mode, sizes.model, sizes.r, device, dtype, moved=True)  # anchored + one warm-up move
+    model, updater = build(mode, sizes.model, sizes.r, target, moved=True)  # anchored + one warm-up move
     generator = torch.Generator().manual_seed(2)
     layers = targeted_layers(model)
     weight_bytes = sum(w.numel() * w.element_size() for w in (m.get_base_layer().weight for m in delta_layers(model)))
-    timed = timer(device)
+    timed, device = target.timed, target.device
     changed_s = []
     for _ in range(reps):
         perf.perturb_factors(model, generator)  # what an optimizer step does to the factors
@@ -340,18 +355,11 @@ def check_method(name: str | None) -> str | None:
     return None
 
 
-def forward_check(
-    sizes: Sizes,
-    device: torch.device,
-    dtype: torch.dtype,
-    reps: int,
-    fast_reps: int,
-    method: str | None,
-) -> dict[str, Any]:
+def forward_check(sizes: Sizes, target: Target, reps: int, fast_reps: int, method: str | None) -> dict[str, Any]:
     """Row 4: paired no_grad forward time of each mode minus LoRA's, and the direct per-layer check."""
-    models = {v: build(v, sizes.host_bound, sizes.r, device, dtype, moved=True)[0].eval() for v in ("lora", *MODES)}
+    models = {v: build(v, sizes.host_bound, sizes.r, target, moved=True)[0].eval() for v in ("lora", *MODES)}
     vocab = models["lora"].config.vocab_size
-    ids = torch.randint(0, vocab, sizes.forward_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, vocab, sizes.forward_shape, generator=torch.Generator().manual_seed(0)).to(target.device)
 
     def forward(model: nn.Module) -> Callable[[int], object]:
         def run(_: int) -> object:
@@ -360,7 +368,7 @@ def forward_check(
 
         return run
 
-    timed = timer(device)
+    timed = target.timed
     times = interleaved({v: forward(m) for v, m in models.items()}, reps, max(3, reps // 10), timed)
     layers = targeted_layers(models["lora"])
     result: dict[str, Any] = {
@@ -386,25 +394,26 @@ def forward_check(
     return result
 
 
-def step_ratios(sizes: Sizes, device: torch.device, dtype: torch.dtype, reps: int, warmup: int) -> list[dict]:
-    """Row 5: paired, interleaved training steps (LoRA, in place, factored) per batch shape.
+def step_ratios(sizes: Sizes, target: Target, reps: Sequence[int], warmup: int) -> list[dict]:
+    """Row 5: paired, interleaved training steps (LoRA, in place, factored), ``reps[i]`` for batch shape ``i``.
 
-    The step is ``perf.Trainee.step`` (forward, backward, AdamW, updater, zero_grad), timed from outside so that
-    on a GPU the time is the device's (CUDA events), not the host's.
+    The step is ``perf.Trainee.step`` (forward, backward, AdamW, updater, zero_grad), timed from outside with the
+    target's clock (on a GPU the device's time, CUDA events, not the host's).
     """
     trainees = {}
     for variant in ("lora", *MODES):
-        with device:
+        with target.device:
             trainees[variant] = perf.make_trainee(
-                VARIANT[variant], dtype=dtype, r=sizes.r, config_overrides=sizes.model
+                VARIANT[variant], dtype=target.dtype, r=sizes.r, config_overrides=sizes.model
             )
     vocab = trainees["lora"].model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     results = []
-    for batch, seq in sizes.step_batches:
-        batches = [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(reps + warmup)]
+    for (batch, seq), n in zip(sizes.step_batches, reps):
+        batches = [torch.randint(0, vocab, (batch, seq), generator=generator) for _ in range(n + warmup)]
+        batches = [b.to(target.device) for b in batches]
         fns = {v: (lambda i, t=t, b=batches: t.step(b[i])) for v, t in trainees.items()}
-        times = interleaved(fns, reps, warmup, timer(device))
+        times = interleaved(fns, n, warmup, target.timed)
         results.append(
             {
                 "batch": [batch, seq],
@@ -415,13 +424,11 @@ def step_ratios(sizes: Sizes, device: torch.device, dtype: torch.dtype, reps: in
     return results
 
 
-def generate_ratios(
-    label: str, overrides: dict, sizes: Sizes, device: torch.device, dtype: torch.dtype, reps: int
-) -> dict[str, Any]:
+def generate_ratios(label: str, overrides: dict, sizes: Sizes, target: Target, reps: int) -> dict[str, Any]:
     """Row 6: paired greedy generate (``new_tokens``, use_cache) of each mode vs LoRA."""
-    models = {v: build(v, overrides, sizes.r, device, dtype, moved=True)[0].eval() for v in ("lora", *MODES)}
+    models = {v: build(v, overrides, sizes.r, target, moved=True)[0].eval() for v in ("lora", *MODES)}
     vocab = models["lora"].config.vocab_size
-    prompt = torch.randint(0, vocab, (1, sizes.prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = torch.randint(0, vocab, (1, sizes.prompt), generator=torch.Generator().manual_seed(0)).to(target.device)
     produced: dict[str, int] = {}
 
     def generate(variant: str) -> Callable[[int], object]:
@@ -440,7 +447,7 @@ def generate_ratios(
 
         return run
 
-    times = interleaved({v: generate(v) for v in models}, reps, 1, timer(device))
+    times = interleaved({v: generate(v) for v in models}, reps, 1, target.timed)
     return {
         "label": label,
         "config": overrides,
@@ -628,7 +635,8 @@ def report(results: dict[str, Any]) -> str:
         "# Host-side overhead of Delta-LoRA vs PEFT LoRA (issue 17)",
         "",
         f"Command: `{env['command']}`. torch {env['torch']}, transformers {env['transformers']}, peft "
-        f"{env['peft']}; {env['device']}, {env['dtype']}, {env['threads']} thread(s), {env['cpus']} CPUs; "
+        f"{env['peft']}; {env['device']}, {env['dtype']}, {env['threads']} thread(s), {env['cpus']} CPUs; times: "
+        f"{env['clock']}; "
         f"load average before / after: {env['load_before']} / {env['load_after']} (the machine may be shared: "
         f"compare only ratios from the same run); wall time {env['wall_s']:.0f} s.",
         "",
@@ -649,30 +657,32 @@ def run(
     args: argparse.Namespace, sizes: Sizes, device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> dict:
     """All rows (``args`` as parsed by :func:`parser`); returns the results dictionary written to ``overhead.json``."""
-    device = device or torch.device("cpu")
+    target = Target(device or torch.device("cpu"), dtype, args.clock)
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    if target.device.type == "cpu":
         torch.set_num_threads(args.threads)
     try:
-        return _run(args, sizes, device, dtype)
+        return _run(args, sizes, target)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
+def _run(args: argparse.Namespace, sizes: Sizes, target: Target) -> dict:
     import peft
     import transformers
 
     started, load_before = time.perf_counter(), load_average()
     method = check_method(args.check_method)
     print(f"[overhead 1/4] updater.step: ops, host reads, unchanged time ({', '.join(MODES)})", flush=True)
-    updater = [updater_costs(m, sizes, device, dtype, args.reps, args.fast_reps) for m in MODES]
+    updater = [updater_costs(m, sizes, target, args.reps, args.fast_reps) for m in MODES]
     print(f"[overhead 2/4] forward-time check (paired forwards; direct method: {method or 'n/a'})", flush=True)
-    fc = forward_check(sizes, device, dtype, args.forward_reps, args.fast_reps, method)
+    fc = forward_check(sizes, target, args.forward_reps, args.fast_reps, method)
     print(f"[overhead 3/4] paired training steps at {sizes.step_batches}", flush=True)
-    steps = step_ratios(sizes, device, dtype, args.reps, args.warmup)
+    step_reps = [args.reps] + [args.large_reps] * (len(sizes.step_batches) - 1)
+    steps = step_ratios(sizes, target, step_reps, args.warmup)
     print(f"[overhead 4/4] paired greedy generate at {list(sizes.generate)}", flush=True)
-    generate = [generate_ratios(k, v, sizes, device, dtype, args.generate_reps) for k, v in sizes.generate.items()]
+    generate = [generate_ratios(k, v, sizes, target, args.generate_reps) for k, v in sizes.generate.items()]
+    device = target.device
     return {
         "environment": {
             "command": " ".join(["python", *sys.argv]) if args.command is None else args.command,
@@ -680,7 +690,8 @@ def _run(args: argparse.Namespace, sizes: Sizes, device: torch.device, dtype: to
             "transformers": transformers.__version__,
             "peft": peft.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(target.dtype).removeprefix("torch."),
+            "clock": target.clock_name,
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
@@ -699,12 +710,19 @@ def _run(args: argparse.Namespace, sizes: Sizes, device: torch.device, dtype: to
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=12, help="paired training steps per batch shape")
+    p.add_argument("--reps", type=int, default=12, help="paired training steps at 1x32; timed changed updater steps")
+    p.add_argument("--large-reps", type=int, default=6, help="paired training steps at the larger batch (4x128)")
     p.add_argument("--warmup", type=int, default=2, help="training steps dropped before measuring")
     p.add_argument("--generate-reps", type=int, default=6, help="paired generate calls per width")
     p.add_argument("--forward-reps", type=int, default=200, help="paired forwards of the host-bound model")
     p.add_argument("--fast-reps", type=int, default=300, help="calls timed for the unchanged step and direct check")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU")
+    p.add_argument(
+        "--clock",
+        choices=get_args(Clock),
+        default="cpu",
+        help="CPU timing: process CPU time (default, robust to other jobs on the cores) or wall time",
+    )
     p.add_argument("--check-method", default=None, help=f"per-layer check to time (default: first of {CHECK_METHODS})")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions: checks the script only")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "overhead"))
@@ -715,7 +733,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     if args.quick:
-        args.reps, args.warmup, args.generate_reps = min(args.reps, 2), min(args.warmup, 2), min(args.generate_reps, 2)
+        args.reps, args.large_reps, args.warmup = min(args.reps, 2), min(args.large_reps, 2), min(args.warmup, 2)
+        args.generate_reps = min(args.generate_reps, 2)
         args.forward_reps, args.fast_reps = min(args.forward_reps, 4), min(args.fast_reps, 4)
     results = run(args, QUICK if args.quick else FULL)
     markdown = report(results)

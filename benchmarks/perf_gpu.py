@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     adapter = perf.adapter_bytes(trainees["lora"].model)
     batches = [torch.randint(0, 50257, (args.batch, args.seq), device=device) for _ in range(args.reps + args.warmup)]
     steps = {v: (lambda i, t=t, b=batches: t.step(b[i])) for v, t in trainees.items()}
-    times = overhead.interleaved(steps, args.reps, args.warmup, overhead.timer(device))  # CUDA events on a GPU
+    target = overhead.Target(device, torch.bfloat16)  # CUDA events on a GPU
+    times = overhead.interleaved(steps, args.reps, args.warmup, target.timed)
     ratios = {v: perf.ratio_stats(times[v], times["lora"]) for v in perf.VARIANTS if v != "lora"}
     del trainees, batches, steps
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         host = overhead.run(host_args, sizes, device, torch.bfloat16)
 
     med = statistics.median
-    timing = "CUDA events" if device.type == "cuda" else "perf_counter"
+    timing = target.clock_name
     lines = [
         f"# Delta-LoRA performance on {name}",
         "",

@@ -75,9 +75,9 @@ def test_check_method_lookup(overhead):
 @pytest.mark.parametrize("mode", ["inplace", "factored"])
 def test_moved_models_are_anchored_and_moved(overhead, mode):
     """The forward and generate rows measure anchored adapters whose (effective) W has moved."""
-    sizes, cpu = overhead.QUICK, torch.device("cpu")
-    lora, _ = overhead.build("lora", sizes.model, sizes.r, cpu, torch.float32, moved=True)
-    delta, _ = overhead.build(mode, sizes.model, sizes.r, cpu, torch.float32, moved=True)
+    sizes, cpu = overhead.QUICK, overhead.Target(torch.device("cpu"))
+    lora, _ = overhead.build("lora", sizes.model, sizes.r, cpu, moved=True)
+    delta, _ = overhead.build(mode, sizes.model, sizes.r, cpu, moved=True)
     layers = overhead.delta_layers(delta)
     assert len(layers) == overhead.targeted_layers(lora) == 4 * sizes.model["n_layer"]
     assert all(bool(layer.lora_anchored["default"]) for layer in layers)
