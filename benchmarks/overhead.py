@@ -493,6 +493,25 @@ def load_average() -> str:
     return perf.load_average()
 
 
+def package_version() -> str:
+    """The last git commit of the imported ``deltalora_hf`` package, and whether it has uncommitted changes."""
+    import subprocess
+
+    import deltalora_hf
+
+    package = Path(deltalora_hf.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("log", "-1", "--format=%h", "--", ".")
+        dirty = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.CalledProcessError):
+        return f"{deltalora_hf.__version__} (not a git checkout)"
+    return f"{deltalora_hf.__version__}, last commit {commit}{' + uncommitted changes' if dirty else ''}"
+
+
 def table(results: dict[str, Any]) -> list[str]:
     """The summary table: one row per measurement, a column per mode, PEFT LoRA where a comparison applies."""
     up = {u["mode"]: u for u in results["updater"]}
@@ -634,7 +653,8 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "# Host-side overhead of Delta-LoRA vs PEFT LoRA (issue 17)",
         "",
-        f"Command: `{env['command']}`. torch {env['torch']}, transformers {env['transformers']}, peft "
+        f"Command: `{env['command']}`. deltalora_hf {env['deltalora_hf']}; torch {env['torch']}, transformers "
+        f"{env['transformers']}, peft "
         f"{env['peft']}; {env['device']}, {env['dtype']}, {env['threads']} thread(s), {env['cpus']} CPUs; times: "
         f"{env['clock']}; "
         f"load average before / after: {env['load_before']} / {env['load_after']} (the machine may be shared: "
@@ -689,6 +709,7 @@ def _run(args: argparse.Namespace, sizes: Sizes, target: Target) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
+            "deltalora_hf": package_version(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(target.dtype).removeprefix("torch."),
             "clock": target.clock_name,
