@@ -323,7 +323,7 @@ def updater_costs(mode: Mode, sizes: Sizes, target: Target, reps: int, fast_reps
 
     perf.perturb_factors(model, generator)  # what an optimizer step does to the factors
     profile_changed = profile_ops(updater.step, device)
-    moved = updater.last.layers_moved
+    moved = getattr(getattr(updater, "last", None), "layers_moved", None)  # UpdateStats, if the updater keeps it
     perf.perturb_factors(model, generator)
     reads_changed = count_host_reads(updater.step)
     updater.step()  # nothing changed since the last step
