@@ -172,11 +172,13 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, f
 # ----------------------------------------------------------------------------------------------- W update
 
 
-def _perturb_factors(model: nn.Module, generator: torch.Generator) -> None:
+def perturb_factors(model: nn.Module, generator: torch.Generator) -> None:
+    """Change every LoRA factor in place, as an optimizer step does (``generator`` on the CPU, any device)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype), alpha=1e-3)
+                noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+                p.add_(noise.to(p.device, p.dtype), alpha=1e-3)
 
 
 def _sync(device: torch.device) -> None:
@@ -208,7 +210,7 @@ def update_timings(dtype: torch.dtype, reps: int, device: torch.device, config_o
 
     step_t, functional_t, add_t = [], [], []
     for i in range(reps + 1):
-        _perturb_factors(model, generator)
+        perturb_factors(model, generator)
         elapsed = timed(lambda step=i + 1: updater.step(step))
         assert updater.last.layers_moved == len(layers), updater.last
         factors = []
@@ -220,7 +222,7 @@ def update_timings(dtype: torch.dtype, reps: int, device: torch.device, config_o
 
         def functional(factors=factors) -> None:
             for w, ((u, v), alpha, transposed) in zip(weights, factors):
-                add_low_rank_(w, u, v, alpha, transposed=transposed, generator=torch.Generator().manual_seed(0))
+                add_low_rank_(w, u, v, alpha, transposed=transposed, generator=torch.Generator(device).manual_seed(0))
 
         f_elapsed = timed(functional)
         a_elapsed = timed(lambda: [w.add_(x) for w, x in zip(weights, deltas)])
