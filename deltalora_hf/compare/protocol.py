@@ -148,7 +148,10 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
     task = load_task(settings) if task is None else task
     baseline = task.majority_baseline("test")
     sizes = {split: len(labels) for split, labels in task.labels.items()}
-    grids = "; ".join(f"{arm} {','.join(f'{lr:g}' for lr in lrs)}" for arm, lrs in settings.lr_grid.items())
+    arms_of: dict[str, list[str]] = {}  # arms that share a grid on one line
+    for arm, lrs in settings.lr_grid.items():
+        arms_of.setdefault(",".join(f"{lr:g}" for lr in lrs), []).append(arm)
+    grids = "; ".join(f"{', '.join(arms)} {lrs}" for lrs, arms in arms_of.items())
     console.print(f"[bold]deltalora-hf compare[/]: {', '.join(settings.arms)}")
     console.print(f"  task: {task.source}")
     console.print(
