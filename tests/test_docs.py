@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SKIP_MARK = re.compile(r"<!-- not run by the tests: (?P<reason>[^>]*\S) -->")
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # any commit hash: the cache maps refs/main to it
-# Hub ids named in the docs -> stand-ins with the same interface: (architecture, tied word embeddings).
-HUB_MODELS = {"HuggingFaceTB/SmolLM2-135M": ("llama", True)}
+# Hub ids named in the docs -> what their tiny Llama stand-in shares with them (SmolLM2 ties its word embeddings).
+HUB_MODELS = {"HuggingFaceTB/SmolLM2-135M": {"tie_word_embeddings": True}}
 
 
 def page_id(path: Path) -> str:
@@ -76,7 +76,7 @@ def test_relative_links_resolve():
 # -- running the code blocks -------------------------------------------------------------------------------------
 
 
-def save_tiny_causal_lm(folder: Path, tied: bool) -> None:
+def save_tiny_causal_lm(folder: Path, **config_overrides) -> None:
     """A tiny Llama and a byte-level BPE tokenizer trained on a few sentences (any text encodes, no unknown token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -99,9 +99,9 @@ def save_tiny_causal_lm(folder: Path, tied: bool) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **config_overrides,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -110,9 +110,9 @@ def save_tiny_causal_lm(folder: Path, tied: bool) -> None:
 def hub_cache(tmp_path_factory):
     """A Hugging Face hub cache in which every id of :data:`HUB_MODELS` resolves, offline, to a tiny model."""
     cache = tmp_path_factory.mktemp("hub")
-    for repo_id, (_, tied) in HUB_MODELS.items():
+    for repo_id, overrides in HUB_MODELS.items():
         repo = cache / f"models--{repo_id.replace('/', '--')}"
-        save_tiny_causal_lm(repo / "snapshots" / SNAPSHOT, tied)
+        save_tiny_causal_lm(repo / "snapshots" / SNAPSHOT, **overrides)
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(SNAPSHOT)
     return cache
