@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def test_compare_end_to_end_default_arms(tiny_setup, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "'loss'" not in printed  # Trainer's per-step log dicts only with --verbose
+    assert "Warning" not in printed and max(len(line) for line in printed.splitlines()) <= 100
 
     text = (out / "results.md").read_text()
     # the command line of this call, not pytest's
@@ -191,6 +193,7 @@ def test_parallel_isolated_runs_keep_their_order_and_own_memory(tiny_setup, tmp_
     jobs = [(settings, "deltalora", 0, 1e-2), (settings, "lora", 1, 1e-2)]
     results = protocol.run_jobs(train_classifier, jobs, (str(model_dir), task), settings)
     assert [(r["arm"], r["seed"]) for r in results] == [("deltalora", 0), ("lora", 1)]
+    assert (tmp_path / "workers.log").is_file()  # the workers' stderr, not the console
     assert results[0]["w_change_norm"] > 0 and results[1]["w_change_norm"] == 0.0
     assert all(r["peak_rss_bytes"] > 0 for r in results)
 
@@ -335,3 +338,92 @@ def test_nlg_benchmark_runs_the_same_protocol(tmp_path, monkeypatch):
     assert report["runs"]["deltalora"][0]["w_change_norm"] > 0 == report["runs"]["lora-scaled"][0]["w_change_norm"]
     assert {choice["metric"] for choice in report["selection"].values()} == {"validation rougeL"}
     assert not set(report["words"]["validation"]) & set(report["words"]["test"])
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["compare", "--help"])
+    text = capsys.readouterr().out
+    blocks = re.split(r"\n  (?=--)", text.split("options:", 1)[1])
+    assert len(blocks) > 25
+    for block in blocks:
+        assert block.count("(default") <= 1, block
+        assert "(default: None)" not in block and "(default: True)" not in block and "(default: False)" not in block
+    assert "default: steps // 6" in text and "(default: 60)" in text
+    isolate = next(b for b in blocks if b.startswith("--no-isolate"))
+    assert "(default" not in isolate and "this process instead" in isolate
+
+
+def test_each_pair_once_and_console_tables_fit_100_columns():
+    from rich.console import Console
+
+    from deltalora_hf.compare.report import console_tables, differences, summarize
+
+    def run(arm, seed, score):
+        scores = {"accuracy": score, "macro_f1": score}
+        return {
+            "arm": arm,
+            "seed": seed,
+            "candidate": "lr=0.0005 λ=0.5 K=20",  # a long choice, as with --sweep-update-ratio/--sweep-start-step
+            "test": scores,
+            "validation": scores,
+            "train_loss_final": 1.0,
+            "median_step_s": 0.3,
+            "peak_rss_bytes": 2**30,
+            "w_change_norm": 5.8,
+            "trainable_params": 22_716_296,
+            "total_params": 22_716_296,
+        }
+
+    arms = ["lora", "lora-scaled", "deltalora", "full", "dora", "loraplus"]
+    finals = {arm: [run(arm, seed, 0.6 + 0.01 * i + 0.003 * seed) for seed in range(3)] for i, arm in enumerate(arms)}
+    diffs = differences(finals, ["macro_f1"])
+    pairs = [(d["arm"], d["reference"]) for d in diffs]
+    assert len(pairs) == len(set(pairs)) and not {(b, a) for a, b in pairs} & set(pairs)
+    assert len(pairs) == (len(arms) - 1) + (len(arms) - 2)  # every arm vs lora; every other arm vs lora-scaled
+
+    out = Console(width=100, record=True)
+    for table in console_tables(summarize(finals), diffs):
+        out.print(table)
+    lines = out.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 100
+    for arm in arms:  # one line per arm: no cell wrapped
+        title = compare.ARM_TITLES[arm]
+        assert any(line.strip().startswith(title) and "±" in line and "%" in line for line in lines), title
+
+
+def test_defaults_give_six_validation_points_per_run():
+    settings = compare.CompareSettings()
+    assert settings.steps // settings.eval_every >= 6
+
+
+def test_quiet_hides_what_a_user_cannot_act_on(monkeypatch, tmp_path):
+    import logging
+    import subprocess
+    import warnings
+
+    from deltalora_hf.compare import quiet
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet.quiet(verbose=True)
+        warnings.warn("deprecated inside a library", FutureWarning, stacklevel=1)
+        quiet.quiet(verbose=False)
+        warnings.warn("deprecated inside a library", FutureWarning, stacklevel=1)
+        warnings.warn("something the user can act on", UserWarning, stacklevel=1)
+    assert [w.category for w in caught] == [FutureWarning, UserWarning]
+    deepspeed = logging.getLogger("DeepSpeed")
+    try:
+        assert not deepspeed.filter(logging.makeLogRecord({"levelno": logging.WARNING}))
+        assert deepspeed.filter(logging.makeLogRecord({"levelno": logging.ERROR}))
+    finally:
+        deepspeed.removeFilter(quiet._errors_only)
+
+    log = tmp_path / "out" / "workers.log"
+    with quiet.stderr_of_new_processes(log):
+        subprocess.run([sys.executable, "-c", "import sys; print('from a worker', file=sys.stderr)"], check=True)
+    assert log.read_text() == "from a worker\n"
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; print('after', file=sys.stderr)"], capture_output=True, text=True
+    )
+    assert done.stderr == "after\n"  # this process's stderr is back

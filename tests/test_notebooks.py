@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -127,6 +128,8 @@ def test_quickstart_glue_smoke(tmp_path, kernel):
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the accuracy/loss plot was not written"
     assert plot.stat().st_size > 10_000
     assert "RELOAD_OK" in log, "the reloaded adapter did not reproduce the trained logits"
+    for run in ("lora", "lora-scaled", "delta-lora"):  # the control arm runs too: LoRA with lora_alpha·(1+λ)
+        assert re.search(rf"^{run} \{{'eval_", log, re.M), f"no final scores of the {run} run"
     assert (out / "deltalora-mrpc-adapter" / "adapter_config.json").is_file()
     config = json.loads((out / "deltalora-mrpc-adapter" / "adapter_config.json").read_text())
     assert config["peft_type"].startswith("DELTALORA")

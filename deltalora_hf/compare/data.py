@@ -168,6 +168,8 @@ def _balanced_wordnet(settings: CompareSettings) -> TextTask:
         if name in names:
             by_class[names.index(name)].append((text, names.index(name)))
     per_class = [size // len(names) for size in (settings.train_size, settings.validation_size, settings.test_size)]
+    if min(per_class) == 0:
+        raise ValueError(f"--train-size, --validation-size and --test-size must be at least --classes ({len(names)})")
     parts: list[list[tuple[str, int]]] = [[], [], []]
     for label, rows in by_class.items():
         for part, rows_of_split in zip(parts, split_rows(rows, per_class, settings.data_seed + label)):

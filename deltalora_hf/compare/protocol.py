@@ -13,10 +13,12 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import report
 from .data import TextTask, load_task, resolve_model
+from .quiet import quiet, stderr_of_new_processes
 from .run import train_classifier
 from .settings import ARM_TITLES, Arm, CompareSettings
 
@@ -116,16 +118,20 @@ def select_and_train(
 def run_jobs(function: Callable[..., dict[str, Any]], jobs: list[tuple], extra: tuple, settings: CompareSettings):
     """``function(*job, *extra)`` for every job, in order: in this process, or in ``settings.jobs`` worker processes.
 
-    Workers are spawned once and reused; each run resets the worker's peak-RSS counter when it starts
-    (:func:`~deltalora_hf.compare.measure.reset_peak_rss`), so that the reported peak is that run's own.
+    Workers are spawned once per call and reused; each run resets the worker's peak-RSS counter when it starts
+    (:func:`~deltalora_hf.compare.measure.reset_peak_rss`), so that the reported peak is that run's own. Unless
+    ``settings.verbose``, the workers' stderr goes to ``workers.log`` in ``settings.output_dir`` (:mod:`.quiet`).
     """
     if not settings.isolate:
         return [function(*job, *extra) for job in jobs]
     from concurrent.futures import ProcessPoolExecutor
 
+    log = None if settings.verbose else Path(settings.output_dir) / "workers.log"
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(settings.jobs, len(jobs)) or 1, mp_context=context) as pool:
-        return list(pool.map(function, *zip(*[(*job, *extra) for job in jobs])))
+        with stderr_of_new_processes(log):  # workers start when the jobs are submitted
+            futures = [pool.submit(function, *job, *extra) for job in jobs]
+        return [future.result() for future in futures]
 
 
 def compare(settings: CompareSettings, task: TextTask | None = None, command: str | None = None) -> dict[str, Any]:
@@ -136,24 +142,35 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
     2. the chosen candidate with the other seeds;
     3. the table reports the test metrics of those runs.
     """
+    quiet(settings.verbose)
     console = report.console()
     model_path = resolve_model(settings)
     task = load_task(settings) if task is None else task
     baseline = task.majority_baseline("test")
     sizes = {split: len(labels) for split, labels in task.labels.items()}
+    arms_of: dict[str, list[str]] = {}  # arms that share a grid on one line
+    for arm, lrs in settings.lr_grid.items():
+        arms_of.setdefault(",".join(f"{lr:g}" for lr in lrs), []).append(arm)
+    grids = "; ".join(f"{', '.join(arms)} {lrs}" for lrs, arms in arms_of.items())
+    console.print(f"[bold]deltalora-hf compare[/]: {', '.join(settings.arms)}")
+    console.print(f"  task: {task.source}")
     console.print(
-        f"[bold]deltalora-hf compare[/]: {', '.join(settings.arms)} on {task.source}: {sizes['train']} "
-        f"train / {sizes['validation']} validation / {sizes['test']} test, {len(task.label_names)} classes; "
-        f"model {model_path}"
+        f"  {len(task.label_names)} classes: {sizes['train']} train / {sizes['validation']} validation / "
+        f"{sizes['test']} test"
     )
     console.print(
         f"  majority-class baseline (test): accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f}"
     )
+    console.print(f"  model: {model_path}")
     console.print(
-        f"  {settings.steps} steps × batch {settings.batch_size}; r={settings.r}, alpha={settings.lora_alpha:g}"
-        f" (lora-scaled {settings.scaled_alpha:g}); Delta-LoRA λ={settings.update_ratio:g}, "
-        f"K={settings.start_step}; lr grids {settings.lr_grid}; seeds {settings.seeds}"
+        f"  {settings.steps} steps × batch {settings.batch_size}, validation every {settings.eval_every} steps, "
+        f"seeds {','.join(map(str, settings.seeds))}"
     )
+    console.print(
+        f"  r={settings.r}, alpha={settings.lora_alpha:g} (lora-scaled {settings.scaled_alpha:g}); "
+        f"Delta-LoRA λ={settings.update_ratio:g}, K={settings.start_step}"
+    )
+    console.print(f"  learning rates: {grids}")
     started = time.perf_counter()
 
     def run_all(jobs: list[tuple]) -> list[dict[str, Any]]:

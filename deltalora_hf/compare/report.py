@@ -35,14 +35,17 @@ def summarize(finals: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
 
 
 def differences(finals: dict[str, list[dict[str, Any]]], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """Paired (by seed) test differences of every arm to ``lora`` and to ``lora-scaled``, with 95% t-intervals."""
+    """Paired (by seed) test differences of every arm to ``lora`` and to ``lora-scaled``, with 95% t-intervals.
+
+    Each pair once: ``lora-scaled − lora``, not also ``lora − lora-scaled``.
+    """
     rows = []
-    for reference in REFERENCES:
+    for index, reference in enumerate(REFERENCES):
         if reference not in finals:
             continue
         ref_seeds = [r["seed"] for r in finals[reference]]
         for arm, runs in finals.items():
-            if arm == reference or [r["seed"] for r in runs] != ref_seeds:
+            if arm == reference or arm in REFERENCES[:index] or [r["seed"] for r in runs] != ref_seeds:
                 continue
             for key in metrics:
                 diff = paired_difference([r["test"][key] for r in runs], [r["test"][key] for r in finals[reference]])
@@ -161,13 +164,62 @@ def plot_curves(
     plt.close(fig)
 
 
-def console():
-    """The rich console of the run: the terminal's width, or 160 columns when the output goes to a file."""
-    import sys
+CONSOLE_WIDTH = 100
 
+
+def console():
+    """The rich console of the run: the terminal's width up to 100 columns (100 when the output goes to a file)."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
+    out = Console(width=CONSOLE_WIDTH)
+    if out.is_terminal:
+        out = Console(width=min(Console().width, CONSOLE_WIDTH))
+    return out
+
+
+def console_tables(summary: dict[str, dict[str, Any]], diffs: list[dict[str, Any]]) -> list[Any]:
+    """The two rich tables printed at the end, each within 100 columns (every column is in ``results.md``)."""
+    from rich import box
+    from rich.table import Table
+
+    scores = Table(
+        "arm",
+        "chosen on validation",
+        "test macro-F1",
+        "test accuracy",
+        "‖ΔW‖",
+        "trainable",
+        title="Test split (mean ± std over seeds)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for arm, e in summary.items():
+        n = len(e["seeds"])
+        share = 100.0 * e["trainable_params"] / e["total_params"] if e["total_params"] else 0.0
+        scores.add_row(
+            ARM_TITLES[arm],
+            e["choice"],
+            _cell(e["test_macro_f1"], n),
+            _cell(e["test_accuracy"], n),
+            f"{e['w_change_norm'][0]:.2f}",
+            f"{share:.2f}%",
+        )
+    paired = Table(
+        "test macro-F1 difference",
+        "mean",
+        "95% CI",
+        "",
+        title="Paired by seed",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for d in diffs:
+        if d["metric"] != "macro_f1":
+            continue
+        interval = f"[{d['low']:+.4f}, {d['high']:+.4f}]" if d["n"] > 1 else "one seed"
+        real = "excludes 0: a real difference" if d["excludes_zero"] else "contains 0"
+        paired.add_row(f"{ARM_TITLES[d['arm']]} − {ARM_TITLES[d['reference']]}", f"{d['mean']:+.4f}", interval, real)
+    return [scores, paired]
 
 
 def _load() -> str:
@@ -216,9 +268,7 @@ def write_report(
     seconds: float,
     command: str,
 ) -> dict[str, Any]:
-    """Write ``results.md``, ``results.json`` and ``curves.png``; print the table; return the JSON content."""
-    from rich.table import Table
-
+    """Write ``results.md``, ``results.json`` and ``curves.png``; print the tables; return the JSON content."""
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(finals)
@@ -299,14 +349,13 @@ def write_report(
     paths["json"].write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
 
     out_console = console()
-    table = Table(*header, title="deltalora-hf compare: test split", title_justify="left")
-    for row in rows:
-        table.add_row(*row)
-    out_console.print(table)
+    for table in console_tables(summary, diffs):
+        out_console.print(table)
     out_console.print(
-        f"Majority baseline: accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f}; {learned}."
+        f"Majority-class baseline macro-F1 {baseline['macro_f1']:.4f}: {learned}."
+        if weak
+        else f"Every arm's test macro-F1 is at least 2× the majority-class baseline's ({baseline['macro_f1']:.4f})."
     )
-    for line in words:
-        out_console.print("- " + line)
-    out_console.print(f"Report written to {out}/ (results.md, results.json, curves.png); wall time {seconds:.0f} s")
+    out_console.print(f"Report: {out}/results.md (every column, the validation choices), results.json, curves.png")
+    out_console.print(f"Wall time {seconds:.0f} s")
     return report

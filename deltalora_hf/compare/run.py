@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from .data import TextTask
 from .measure import peak_rss_bytes, reset_peak_rss, snapshot, targeted_base_weights, weight_change
 from .metrics import classification_scores
+from .quiet import quiet
 from .settings import Arm, CompareSettings
 
 # Names of the attention/MLP linears by architecture family; the first family present in the model is used.
@@ -140,13 +141,10 @@ class RunProgress(TrainerCallback):
 
 
 def start_process(settings: CompareSettings) -> None:
-    """Per-run process setup: torch threads, transformers quiet (one progress bar per run), peak RSS reset."""
-    import transformers
-
+    """Per-run process setup: torch threads, warnings the user cannot act on hidden (:mod:`.quiet`), peak RSS reset."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # no weight-loading bars: one progress bar per run
+    quiet(settings.verbose)
     reset_peak_rss()
 
 

