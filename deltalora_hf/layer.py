@@ -336,8 +336,8 @@ class DeltaLoraLayer:
             # What the loaded W holds: the ORIGINAL base where it comes from an adapter file (written so by
             # DeltaLoraModel._get_adapter_state_dict) or from a state dict of the base model alone; otherwise (a
             # whole-model state dict) the moves of the active adapters, as state_dict() returns W.
-            own = (f"{prefix}{name}." for name in (*module.adapter_layer_names, "lora_anchor_A"))
-            original = original or not any(key.startswith(tuple(own)) for key in state_dict)
+            own = tuple(f"{prefix}{name}." for name in (*module.adapter_layer_names, "lora_anchor_A"))
+            original = original or not any(key.startswith(own) for key in state_dict)
             module._loads_base_weight = "original" if original else "moved"
         for adapter in module.lora_anchored.keys():  # loaded anchors keep the factors' dtype (and precision)
             module.match_anchor_dtypes(adapter)

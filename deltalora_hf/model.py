@@ -139,7 +139,8 @@ class DeltaLoraModel(LoraModel):
         state_dict = {_current_anchor_key(k): _current_anchor_value(k, v) for k, v in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for name, layer in model.named_modules():  # an adapter file's base weights are the original base's
-            if isinstance(layer, DeltaLoraLayer) and f"{name}.base_layer.weight" in remapped:
+            key = f"{name}.base_layer.weight"  # PEFT maps it to the model later when the model is not a PeftModel
+            if isinstance(layer, DeltaLoraLayer) and (key in remapped or f"base_model.model.{key}" in remapped):
                 layer._loads_original_base = True
         current = model.state_dict()
         mismatched = [

@@ -134,11 +134,23 @@ class Refused:
     call: Callable[[Case], Any]
     match: str
     target: Callable[[Case], nn.Module] | None = None
+    linear_only: bool = False
 
 
 @dataclass(frozen=True)
 class Unrelated:
     reason: str
+
+
+@dataclass(frozen=True)
+class ByMode:
+    """A name whose classification depends on the base-update mode (e.g. exact in factored mode, refused in place)."""
+
+    inplace: Exact | Refused
+    factored: Exact | Refused
+
+    def of(self, mode: str) -> Exact | Refused:
+        return getattr(self, mode)
 
 
 # -- the trained models and their reference ----------------------------------------------------------------------
