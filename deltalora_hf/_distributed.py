@@ -3,11 +3,11 @@ r"""What Delta-LoRA needs to know about partitioned parameters: DeepSpeed ZeRO-3
 The rest of the package calls only these functions; DeepSpeed is imported lazily, when a ZeRO-3 parameter
 (one with a ``ds_id``) is seen, so it is never needed otherwise.
 
-* :func:`gathered` / :func:`full_values`: the whole, readable value of a factor (to record anchors, to cache
+* ``gathered`` / ``full_values``: the whole, readable value of a factor (to record anchors, to cache
   the factors of the in-place update, to log norms, to export).
-* :func:`used_in_forward`: a factor read by a layer's own ``forward`` outside the forward of the submodule that
+* ``used_in_forward``: a factor read by a layer's own ``forward`` outside the forward of the submodule that
   owns it (PEFT's embedding factors); ZeRO-3 is told to gather it with that layer.
-* :func:`check_writable_in_place` and :func:`add_low_rank_`: the in-place W update, on each rank's own part of W
+* ``check_writable_in_place`` and ``add_low_rank_``: the in-place W update, on each rank's own part of W
   and with no communication beyond gathering the small factors.
 
   Under ZeRO-3 each rank owns one contiguous slice of the flattened W (``param.ds_tensor``); the update of that
@@ -27,7 +27,7 @@ The rest of the package calls only these functions; DeepSpeed is imported lazily
       W[r_0:r_1, c_0:c_1] \mathrel{+}= \alpha\, L_{[r_0:r_1]} R_{[:, c_0:c_1]}, \qquad
       (L, R) = (U, V) \text{ or } (V^T, U^T) \text{ if W is stored transposed,}
 
-  computed by :func:`deltalora_hf.functional.add_low_rank_` on the local shard (the same stochastic rounding for
+  computed by ``deltalora_hf.functional.add_low_rank_`` on the local shard (the same stochastic rounding for
   bfloat16/float16). The block is found from the DTensor's public ``placements`` and ``device_mesh`` with
   ``torch.chunk``'s rule (how ``Shard`` splits a dimension, uneven sizes included) and checked against the local
   shard's shape. Layouts without such a block (``Partial`` sums, strided shards of 2-D FSDP + TP meshes), a
@@ -80,12 +80,12 @@ def gathered(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
 
 def unsharded(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a DTensor (``full_tensor()``: a collective, every rank must call it); anything else as is.
-    For tensors read outside :func:`gathered` (e.g. the adapter's state dict under FSDP2)."""
+    For tensors read outside ``gathered`` (e.g. the adapter's state dict under FSDP2)."""
     return t.full_tensor() if is_dtensor(t) else t
 
 
 def full_values(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Like :func:`gathered` without a block: tensors that are not partitioned are returned as they are (no copy),
+    """Like ``gathered`` without a block: tensors that are not partitioned are returned as they are (no copy),
     partitioned ones as detached full copies."""
     if not any(is_partitioned(t) for t in tensors):
         return tensors
@@ -118,7 +118,7 @@ def write_full_(param: torch.Tensor, value: torch.Tensor) -> None:
     """In place: ``param = value`` where ``value`` is the whole (same on every rank) value of ``param``.
 
     A ZeRO-3 parameter is gathered, written and partitioned again (a collective: every rank must call it, in the
-    same order); a DTensor takes its own block of ``value`` (:func:`copy_from_full_`); anything else is a plain
+    same order); a DTensor takes its own block of ``value`` (``copy_from_full_``); anything else is a plain
     ``copy_``.
     """
     if is_zero3(param):
@@ -137,7 +137,7 @@ def is_main_process() -> bool:
 
 
 def in_place_problem(weight: torch.Tensor) -> str | None:
-    """Why :func:`add_low_rank_` cannot update ``weight`` in place, or ``None`` if it can.
+    """Why ``add_low_rank_`` cannot update ``weight`` in place, or ``None`` if it can.
 
     Plain floating-point tensors, ZeRO-3 partitions (updated slice by slice) and DTensors that hold a block of W on
     each rank (FSDP2) can be written; quantized weights, ZeRO-3 layouts this module does not handle (NVMe offload,
@@ -153,8 +153,8 @@ def in_place_problem(weight: torch.Tensor) -> str | None:
 
 
 def check_writable_in_place(weight: torch.Tensor, name: str) -> None:
-    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless :func:`add_low_rank_` can update
-    ``weight`` in place (see :func:`in_place_problem`)."""
+    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless ``add_low_rank_`` can update
+    ``weight`` in place (see ``in_place_problem``)."""
     reason = in_place_problem(weight)
     if reason is None:
         return
@@ -243,7 +243,7 @@ def add_low_rank_(
     rounding: functional.Rounding = "stochastic",
     generator: torch.Generator | None = None,
 ) -> None:
-    """``weight += alpha * U @ V`` (``(U @ V)^T`` if ``transposed``): :func:`deltalora_hf.functional.add_low_rank_`,
+    """``weight += alpha * U @ V`` (``(U @ V)^T`` if ``transposed``): ``deltalora_hf.functional.add_low_rank_``,
     or, for a ZeRO-3 parameter or a DTensor, the same update of this rank's part of W (see the module docstring)."""
     kwargs = {"transposed": transposed, "rounding": rounding, "generator": generator}
     if is_dtensor(weight):
@@ -279,7 +279,7 @@ def add_low_rank_(
 
 
 def _add_low_rank_to_shard_(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: float, **kwargs) -> None:
-    """The DTensor case of :func:`add_low_rank_`: this rank's block of W from the matching rows of L, columns of R."""
+    """The DTensor case of ``add_low_rank_``: this rank's block of W from the matching rows of L, columns of R."""
     block = _local_block(weight)
     with torch.no_grad():
         local = weight.to_local()  # the storage FSDP2 gathers from: written in place, no communication

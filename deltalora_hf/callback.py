@@ -1,4 +1,4 @@
-"""``DeltaLoRACallback``: runs :class:`~deltalora_hf.DeltaLoraUpdater` inside a transformers ``Trainer``."""
+"""``DeltaLoRACallback``: runs ``DeltaLoraUpdater`` inside a transformers ``Trainer``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class DeltaLoRACallback(TrainerCallback):
     """Applies Delta-LoRA's base-weight update after every optimizer step of a ``Trainer``.
 
     ``Trainer(..., callbacks=[DeltaLoRACallback()])``. After optimizer step ``t`` (``state.global_step``, counted
-    from 0) it calls :meth:`DeltaLoraUpdater.step`, so gradient accumulation gives one update per optimizer
+    from 0) it calls ``DeltaLoraUpdater.step``, so gradient accumulation gives one update per optimizer
     step and evaluation none. At the start of every run it brings W in step with the adapters (whatever was
     loaded, added or changed since). Training logs get ``deltalora/update_norm`` (Frobenius norm of the last
     in-place W update over all layers), ``deltalora/layers_moved`` (layers whose W moved at the last step) and
@@ -34,7 +34,7 @@ class DeltaLoRACallback(TrainerCallback):
     Without it the metrics still reach ``trainer.state.log_history`` and the console.
 
     Args:
-        seed: seed of the stochastic rounding of bfloat16/float16 weights (see :class:`DeltaLoraUpdater`).
+        seed: seed of the stochastic rounding of bfloat16/float16 weights (see ``DeltaLoraUpdater``).
         trainer: optional ``Trainer`` to join, ahead of its reporting callbacks.
     """
 

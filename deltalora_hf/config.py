@@ -51,9 +51,23 @@ class DeltaLoraConfig(LoraConfig):
 
     where ``A', B'`` are the LoRA factors after the step, ``A, B`` before it, and ``s`` is LoRA's scale
     (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``). The update is applied by
-    :class:`~deltalora_hf.DeltaLoRACallback` (``Trainer``) or :class:`~deltalora_hf.DeltaLoraUpdater`
-    (custom loops). All other options are LoRA's (see ``peft.LoraConfig``); ``lora_dropout`` must stay 0
-    because Delta-LoRA removes dropout from the low-rank path.
+    ``DeltaLoRACallback`` (``Trainer``) or ``DeltaLoraUpdater`` (custom loops). All other options are LoRA's (see
+    ``peft.LoraConfig``); ``lora_dropout`` must stay 0 because Delta-LoRA removes dropout from the low-rank path.
+    With Adam-type optimizers, Delta-LoRA after step K trains exactly like a LoRA with ``lora_alpha * (1 +
+    update_ratio)`` (docs/theory.md): compare against that LoRA, not only against the same ``lora_alpha``.
+
+    Args:
+        update_ratio: lambda, the update ratio: W moves by ``lambda * s * (B'A' - BA)`` after each optimizer step
+            past ``start_step``; 0 gives plain LoRA. Default 2.0, the paper's E2E/GPT-2 setting.
+        start_step: K: W moves on optimizer steps ``t > K`` (counted from 0), so the first W update is on step
+            K + 1. Default 500, the paper's E2E/GPT-2 setting.
+        base_update: ``"inplace"`` (default, Algorithm 1): W is updated after every optimizer step.
+            ``"factored"``: W is never written; the forward pass adds the telescoped move
+            ``lambda * s * (B A - B_K A_K)``. Both train identically in exact arithmetic; ``"factored"`` is exact
+            for bfloat16/float16 bases and works on bases that cannot be written (bitsandbytes 4/8-bit, sharded).
+        base_update_rounding: how an in-place update of a bfloat16/float16 W is rounded: ``"stochastic"``
+            (default, unbiased) or ``"nearest"`` (a plain add, which drops most per-step updates). Ignored for
+            float32 W.
     """
 
     update_ratio: float = field(

@@ -16,7 +16,7 @@ Where the weight is stored transposed (``Conv1D`` with ``fan_in_fan_out``, ``nn.
 update is ``W.addmm_(V^T, U^T)``.
 
 For bfloat16/float16 weights a per-step delta is mostly below half an ulp of W, so a plain
-add drops it. :func:`add_low_rank_` then computes the sum in float32, a block of rows at a
+add drops it. ``add_low_rank_`` then computes the sum in float32, a block of rows at a
 time (never a W-sized temporary), and rounds back stochastically: each element goes to one
 of its two neighbouring representable values with probabilities that make the expectation
 exact, so the accumulated change of W is unbiased.
@@ -25,7 +25,7 @@ The factored mode adds the move to the output instead of W. With ``g = 1`` once 
 layer plus the move is ``s (1 + lambda g) B A x - lambda s B_K A_K x``: one ``B A x``. Its gradients for A and B
 must stay LoRA's (``s`` times), as in the paper where only the LoRA product is trained, while x must get the
 whole layer's gradient: the layer computes ``[(1 + lambda g) s B', -lambda s B_K] [A'; A_K] x`` (one rank-2r
-product) with ``A' = scale_grad(A, 1 / (1 + lambda g))`` and likewise ``B'``: :func:`scale_grad` is the identity
+product) with ``A' = scale_grad(A, 1 / (1 + lambda g))`` and likewise ``B'``: ``scale_grad`` is the identity
 forward and scales the gradient, so A and B get ``s`` times their LoRA gradient and x the whole layer's.
 """
 

@@ -6,7 +6,7 @@ r"""The invariant that ties the base weight W to the adapters, and the one opera
 
 ``applied(layer)``: the anchored in-place adapters with lambda != 0 that are active (the merged ones while merged);
 ``(A, B, A_K, B_K)`` are the adapter's CURRENT tensors. Each applied adapter has a *record* (not saved): copies of
-the ``(A, B, A_K, B_K)`` whose move W holds right now, and the scale it was taken with. :func:`sync_layers` moves W
+the ``(A, B, A_K, B_K)`` whose move W holds right now, and the scale it was taken with. ``sync_layers`` moves W
 from the records to the current tensors with rank-2r updates and is idempotent. After an optimizer step it is
 exactly Algorithm 1 (``W += lambda s (B'A' - BA)``, the record being the factor cache); a load, an added, deleted
 or (de)activated adapter, a new run, a merge or an unload are the same operation.
@@ -27,7 +27,7 @@ writes through ``.data``, users copy ``p.data``. Three designs were weighed:
    state dicts), registered as ``lora_anchor_A.<adapter>.weight`` like the factors (so hotswap finds their layer).
    At the next entry point (``set_adapter``, which is how TRL switches to its reference), an adapter that is not
    anchored but whose factors equal, bit for bit, those of an anchored adapter of the same layer is that adapter's
-   copy and takes its anchors and flag (:func:`adopt_copied_anchors`). A fresh adapter cannot match trained
+   copy and takes its anchors and flag (``adopt_copied_anchors``). A fresh adapter cannot match trained
    factors by chance; copying an adapter's parameters means copying the adapter.
 3. Refusing: kept for what cannot be exact (``add_weighted_adapter`` over adapters whose W has moved, tensor
    scalings), always before anything is changed, with the fix in the message.
@@ -41,11 +41,11 @@ tensors may write them through ``.data``. Writing W itself is not supported: W i
 
 Cost
 ----
-* The update after an optimizer step (:class:`~deltalora_hf.DeltaLoraUpdater`) plans every layer at once: the
+* The update after an optimizer step (``DeltaLoraUpdater``) plans every layer at once: the
   changed records are grouped by shape, the rank-2r factors and their norms come from a handful of batched ops per
   group, all norms are read with ONE host sync, and each W gets one fused ``addmm_``. A step that changed no factor
   (their version counters say so) launches nothing. Factored mode never writes W.
-* In eager mode each layer's forward runs :meth:`~deltalora_hf.layer.DeltaLoraLayer._ensure_synced`: a flag, the
+* In eager mode each layer's forward runs ``_ensure_synced``: a flag, the
   active adapters, and the identity and version counter of its in-place factors (a few pointer and integer
   comparisons, no tensor read); a value sync only when one of them changed. Under ``torch.compile`` the check is
   skipped (it would break the graph); the updater and the entry points still sync.
@@ -82,7 +82,8 @@ _optimizer_steps = [0]
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _optimizer_steps[0] += 1
+    if not torch.compiler.is_compiling():  # traced, the count would become a guard of the compiled code
+        _optimizer_steps[0] += 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
@@ -99,7 +100,8 @@ _registrations = [0]
 
 
 def _count_registration(module: torch.nn.Module, name: str, value: object) -> None:
-    _registrations[0] += 1
+    if not torch.compiler.is_compiling():  # traced, the count would become a guard of the compiled code
+        _registrations[0] += 1
 
 
 for _register in (
@@ -207,7 +209,7 @@ class Move:
 
 @dataclass
 class SyncResult:
-    """What :func:`sync_layers` did: the moves that wrote W, their total squared norm, the non-finite ones skipped."""
+    """What ``sync_layers`` did: the moves that wrote W, their total squared norm, the non-finite ones skipped."""
 
     written: list[Move]
     norm_sq: float
@@ -295,7 +297,7 @@ def plan(
     """The moves that bring every layer's W to the invariant for its applied adapters.
 
     Returns the moves planned one by one (removals, whole moves), the incremental candidates ``(layer, adapter,
-    current tensors)``, whose rank-2r factors :func:`_group_incremental` builds across layers, and the layers looked
+    current tensors)``, whose rank-2r factors ``_group_incremental`` builds across layers, and the layers looked
     at (with ``trust_stamps``, a layer whose forward check passes is not). An adapter with a
     record of the same scale keeps its move when its anchors are the recorded ones: with ``trust_stamps`` that is
     read from identities and version counters (and an adapter whose tensors all carry their record's stamps is left
@@ -498,7 +500,7 @@ def sync_layers(
     """Bring every layer's W to its invariant, reading the norms of all planned moves with ONE host sync.
 
     The one code path of every W change. ``applied``: the adapters whose moves W must hold (default: each layer's
-    :meth:`~deltalora_hf.layer.DeltaLoraLayer.applied_adapters`). ``trust_stamps`` (the updater after an optimizer
+    ``applied_adapters``). ``trust_stamps`` (the updater after an optimizer
     step): adapters whose tensors carry their record's identities and version counters are skipped without a
     read; otherwise everything is compared by value (entry points), which also sees writes through ``.data``.
     """

@@ -5,7 +5,7 @@ Per adapter (dropout is forced off by the config) a layer keeps, besides LoRA's 
 * ``lora_anchor_A`` / ``lora_anchor_B`` and the flag ``lora_anchored``: buffers (saved with the adapter) holding
   the factors ``(A_K, B_K)`` when W started to move, and 1 once it did. The W updates telescope, so an
   anchored adapter's whole change of W is its *move* ``lambda * s * (B A - B_K A_K)``.
-* in ``"inplace"`` mode, the record of the move W holds (not saved); see :mod:`deltalora_hf.invariant`, which
+* in ``"inplace"`` mode, the record of the move W holds (not saved); see ``deltalora_hf.invariant``, which
   keeps W in step with the adapters on every path.
 
 In ``"factored"`` mode W is never written; the forward pass adds the move, which needs only one ``B A x``:
@@ -298,7 +298,7 @@ class DeltaLoraLayer:
         self._delta_state.synced(self, self._watched_slots(), bool(self.lora_applied_A) or self.has_inplace_adapters())
 
     def _ensure_synced(self) -> None:
-        """The forward's check: O(1) unless something changed (see :class:`~deltalora_hf.invariant.SyncState`)."""
+        """The forward's check: O(1) unless something changed (see ``SyncState``)."""
         state = self._delta_state
         if state.unchanged(self):
             return
@@ -429,7 +429,7 @@ class DeltaLoraLayer:
         return self.lora_B[adapter](self.lora_A[adapter](self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)))
 
     def _factored_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[(1 + lambda g) s B', -lambda s B_K]`` and ``[A'; A_K]`` (see :meth:`_adapter_output`)."""
+        """``[(1 + lambda g) s B', -lambda s B_K]`` and ``[A'; A_K]`` (see ``_adapter_output``)."""
         a, b = used_in_forward(self, *self.lora_factors(adapter))
         stores = (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored)
         a_k, b_k, flag = (_as(t.detach(), a.dtype) for t in used_in_forward(self, *(s[adapter] for s in stores)))
@@ -444,7 +444,7 @@ class DeltaLoraLayer:
 
         Factored: ``(1 + lambda g) s B A x - lambda s B_K A_K x`` as ONE rank-2r product,
         ``[(1 + lambda g) s B', -lambda s B_K] [A'; A_K] x``, where ``A', B'`` are the factors with their gradient
-        scaled by ``1 / (1 + lambda g)`` (:func:`~deltalora_hf.functional.scale_grad`): A and B get LoRA's gradients,
+        scaled by ``1 / (1 + lambda g)`` (``scale_grad``): A and B get LoRA's gradients,
         x gets the whole layer's, and no activation-sized tensor is added beyond LoRA's. When the factors need no
         gradient (inference, generation, a frozen reference), the rank-2r factors are reused while unchanged.
         """

@@ -104,11 +104,11 @@ def delta_lora_layers(model: nn.Module) -> list[DeltaLoraLayer]:
 
 
 class DeltaLoraModel(LoraModel):
-    """Creates a Delta-LoRA model from a pretrained transformers model (see :class:`DeltaLoraConfig`).
+    """Creates a Delta-LoRA model from a pretrained transformers model (see ``DeltaLoraConfig``).
 
     The layers are PEFT's LoRA layers (same parameter names) that also carry the anchor factors of the base-weight
-    update and keep W in step with them (see :mod:`deltalora_hf.layer`). W itself is moved after each optimizer
-    step by :class:`~deltalora_hf.DeltaLoRACallback` or :class:`~deltalora_hf.DeltaLoraUpdater`.
+    update and keep W in step with them (see ``deltalora_hf.layer``). W itself is moved after each optimizer
+    step by ``DeltaLoRACallback`` or ``DeltaLoraUpdater``.
     """
 
     prefix: str = "lora_"

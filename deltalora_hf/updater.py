@@ -1,6 +1,6 @@
 """``DeltaLoraUpdater``: the base-weight update of Algorithm 1, for any training loop.
 
-Call :meth:`DeltaLoraUpdater.step` once after every ``optimizer.step()``::
+Call ``DeltaLoraUpdater.step`` once after every ``optimizer.step()``::
 
     updater = DeltaLoraUpdater(model)
     for batch in loader:
@@ -10,11 +10,11 @@ Call :meth:`DeltaLoraUpdater.step` once after every ``optimizer.step()``::
         updater.step()          # W += lambda * s * (B'A' - BA) once the adapter is anchored
         optimizer.zero_grad()
 
-:class:`~deltalora_hf.DeltaLoRACallback` drives the same object from ``Trainer``.
+``DeltaLoRACallback`` drives the same object from ``Trainer``.
 
 The updater does two things. It *anchors* each active adapter at the end of optimizer step ``t == start_step``
 (counted from 0 in the run; the first run's step that reaches it), recording ``(A_K, B_K)``. And it *syncs* every
-layer (:meth:`DeltaLoraLayer.sync_base_weight`): W follows the factors of every anchored in-place adapter, which
+layer (``DeltaLoraLayer.sync_base_weight``): W follows the factors of every anchored in-place adapter, which
 after an optimizer step is exactly ``W += lambda * s * (B'A' - BA)``. The anchor belongs to the adapter, not to
 the run: once anchored, W moves on every later optimizer step of any run, resumed or new. The sync is idempotent,
 so a second updater or callback on the same model changes nothing (no doubled update). All state that survives a
@@ -40,7 +40,7 @@ from .model import delta_lora_layers
 
 @dataclass(frozen=True)
 class UpdateStats:
-    """What one :meth:`DeltaLoraUpdater.step` did."""
+    """What one ``DeltaLoraUpdater.step`` did."""
 
     step: int = -1
     layers_moved: int = 0  # layers whose (effective) W moved at this step, both modes
@@ -79,7 +79,7 @@ def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLa
 class DeltaLoraUpdater:
     """Moves every targeted base weight after each optimizer step, as in Algorithm 1 of Zi et al. (2023).
 
-    The update is one fused rank-2r in-place GEMM per layer (:func:`deltalora_hf.functional.add_low_rank_`) from
+    The update is one fused rank-2r in-place GEMM per layer (``deltalora_hf.functional.add_low_rank_``) from
     the factors the layer cached at its last sync (``r (d + k)`` numbers, never the product ``B A``). A step that
     left the factors unchanged (e.g. skipped by the fp16 grad scaler) moves nothing; a non-finite delta is skipped
     with a warning and W is untouched. In ``base_update="factored"`` mode the updater only anchors (the forward
@@ -122,7 +122,7 @@ class DeltaLoraUpdater:
         return self.sync()
 
     def sync(self) -> int:
-        """Bring every layer to its invariant (see :mod:`deltalora_hf.layer`); return the number of W writes."""
+        """Bring every layer to its invariant (see ``deltalora_hf.layer``); return the number of W writes."""
         return len(sync_layers(self.layers(), generator_for=self._generator).written)
 
     def step(self, step: int | None = None) -> UpdateStats:

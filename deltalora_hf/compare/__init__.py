@@ -3,9 +3,9 @@
 Every arm gets the same model, data, batch order, schedule and steps; each arm's learning rate is chosen on a
 validation split carved from train, and the test split is read once, for the final table (mean ± std over seeds,
 paired differences with 95% intervals). ``lora-scaled`` is the control of docs/theory.md: under Adam, Delta-LoRA after
-step K follows a LoRA with scale ``(1+λ)·alpha/r``. Modules: :mod:`.settings` (arms, options), :mod:`.data` (task,
-splits), :mod:`.run` (one training run), :mod:`.protocol` (selection, seeds), :mod:`.report` (tables, plot, JSON),
-:mod:`.measure` and :mod:`.metrics` (helpers the benchmarks share).
+step K follows a LoRA with scale ``(1+λ)·alpha/r``. Modules: ``.settings`` (arms, options), ``.data`` (task,
+splits), ``.run`` (one training run), ``.protocol`` (selection, seeds), ``.report`` (tables, plot, JSON),
+``.measure`` and ``.metrics`` (helpers the benchmarks share).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def reset_peak_rss() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process since :func:`reset_peak_rss` (``VmHWM``), else since it started."""
+    """Peak resident set size of this process since ``reset_peak_rss`` (``VmHWM``), else since it started."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:

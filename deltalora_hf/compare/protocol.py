@@ -1,6 +1,6 @@
 """The fair protocol: choose each arm's settings on validation, train every seed, look at test once.
 
-:func:`select_and_train` is task-agnostic (the NLG benchmark uses it with generation runs); :func:`compare` is the
+``select_and_train`` is task-agnostic (the NLG benchmark uses it with generation runs); ``compare`` is the
 classification command.
 """
 
@@ -119,8 +119,8 @@ def run_jobs(function: Callable[..., dict[str, Any]], jobs: list[tuple], extra: 
     """``function(*job, *extra)`` for every job, in order: in this process, or in ``settings.jobs`` worker processes.
 
     Workers are spawned once per call and reused; each run resets the worker's peak-RSS counter when it starts
-    (:func:`~deltalora_hf.compare.measure.reset_peak_rss`), so that the reported peak is that run's own. Unless
-    ``settings.verbose``, the workers' stderr goes to ``workers.log`` in ``settings.output_dir`` (:mod:`.quiet`).
+    (``reset_peak_rss``), so that the reported peak is that run's own. Unless
+    ``settings.verbose``, the workers' stderr goes to ``workers.log`` in ``settings.output_dir`` (``.quiet``).
     """
     if not settings.isolate:
         return [function(*job, *extra) for job in jobs]

@@ -5,7 +5,7 @@
 * DeepSpeed's "Setting accelerator to CPU", logged to stdout when ``Trainer`` imports DeepSpeed on a machine without
   GPUs (the command does not use DeepSpeed);
 * in the worker processes, everything they write to stderr, which goes to ``workers.log`` in the output folder
-  instead (:func:`stderr_of_new_processes`): among it bitsandbytes' "Failed to load CPU gemm_4bit_forward from
+  instead (``stderr_of_new_processes``): among it bitsandbytes' "Failed to load CPU gemm_4bit_forward from
   kernels-community", logged when ``import peft`` imports bitsandbytes on a CPU with AVX512-BF16 and no ``kernels``
   package. A worker logs it while it imports this package, before any code of ours runs in it; the main process
   logs it once, when ``deltalora-hf`` starts. Errors in a worker still reach the console: the pool raises them here.

@@ -141,7 +141,7 @@ class RunProgress(TrainerCallback):
 
 
 def start_process(settings: CompareSettings) -> None:
-    """Per-run process setup: torch threads, warnings the user cannot act on hidden (:mod:`.quiet`), peak RSS reset."""
+    """Per-run process setup: torch threads, warnings the user cannot act on hidden (``.quiet``), peak RSS reset."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     quiet(settings.verbose)

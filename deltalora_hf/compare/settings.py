@@ -1,4 +1,4 @@
-"""What defines a comparison: the arms, :class:`CompareSettings` and the command line that fills it."""
+"""What defines a comparison: the arms, ``CompareSettings`` and the command line that fills it."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class CompareSettings:
         jobs: worker processes training runs at once, ``threads`` torch threads each; only with ``isolate``.
         threads: ``torch.set_num_threads`` per run; ``None``: torch's default. 1 by default: on the shared 2-core
             machine used here, 2 threads made a step 2-4x slower than 1.
-        verbose: print Trainer's per-step log dicts and every warning of the libraries (:mod:`.quiet`).
+        verbose: print Trainer's per-step log dicts and every warning of the libraries (``.quiet``).
     """
 
     model: str | None = None
