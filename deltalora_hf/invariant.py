@@ -73,7 +73,7 @@ from .functional import default_generator, delta_factors, low_rank_frobenius_sq
 if TYPE_CHECKING:
     from .layer import DeltaLoraLayer
 
-RECORD_NAMES = ("lora_applied_A", "lora_applied_B", "lora_applied_anchor_A", "lora_applied_anchor_B")
+RECORD_NAMES = ("lora_applied_A", "lora_applied_B")  # copies of the factors; the anchors: delta_applied_anchors
 
 # Optimizer steps taken in this process. Fused optimizers (e.g. AdamW(fused=True), Trainer's "adamw_torch_fused")
 # write the parameters without bumping their version counters, so after any optimizer step the factors are read
@@ -220,10 +220,20 @@ class SyncResult:
 
 
 def applied_record(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...] | None:
-    """``(A, B, A_K, B_K)`` whose move W holds for ``adapter`` (copies), or None."""
+    """``(A, B, A_K, B_K)`` whose move W holds for ``adapter``, or None: copies of the factors, and the anchors
+    themselves (the live tensors, or copies from the moment they were handed out: see ``snapshot_anchors``)."""
     if adapter not in layer.lora_applied_A:
         return None
-    return tuple(getattr(layer, name)[adapter] for name in RECORD_NAMES)
+    return layer.lora_applied_A[adapter], layer.lora_applied_B[adapter], *layer.delta_applied_anchors[adapter]
+
+
+def snapshot_anchors(layer: DeltaLoraLayer) -> None:
+    """Copy the anchors the records refer to, before their live tensors may be written behind the layer's back
+    (a ``state_dict`` handed out, a load): the next value sync compares them and then refers to the live ones again.
+    So the records cost one copy of the factors in the steady state, and the anchors are copied only meanwhile."""
+    for adapter, anchors in layer.delta_applied_anchors.items():
+        live = (layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+        layer.delta_applied_anchors[adapter] = tuple(a.detach().clone() if a is b else a for a, b in zip(anchors, live))
 
 
 def current_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
@@ -240,16 +250,18 @@ def live_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...
 
 
 def set_record(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, ...] | None, scale: float) -> None:
-    """Store ``record`` (copies) as what W holds for ``adapter``; None removes it."""
+    """Store ``record`` as what W holds for ``adapter`` (the factors copied, the anchors referred to); None
+    removes it."""
     stores = [getattr(layer, name) for name in RECORD_NAMES]
     if record is None:
         for store in stores:
             if adapter in store:
                 del store[adapter]
-        layer.delta_applied_scale.pop(adapter, None)
-        layer.delta_applied_stamp.pop(adapter, None)
+        for values in (layer.delta_applied_scale, layer.delta_applied_stamp, layer.delta_applied_anchors):
+            values.pop(adapter, None)
         return
-    for store, value in zip(stores, record):
+    layer.delta_applied_anchors[adapter] = (record[2], record[3])
+    for store, value in zip(stores, record[:2]):
         old = store[adapter] if adapter in store else None
         if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
             if old is not value:
@@ -299,9 +311,10 @@ def plan(
     Returns the moves planned one by one (removals, whole moves), the incremental candidates ``(layer, adapter,
     current tensors)``, whose rank-2r factors ``_group_incremental`` builds across layers, and the layers looked
     at (with ``trust_stamps``, a layer whose forward check passes is not). An adapter with a
-    record of the same scale keeps its move when its anchors are the recorded ones: with ``trust_stamps`` that is
-    read from identities and version counters (and an adapter whose tensors all carry their record's stamps is left
-    alone; a layer marked dirty is never trusted), otherwise all anchors are compared by value with one host sync.
+    record of the same scale keeps its move when its anchors are the recorded ones: the record refers to them, or
+    (``trust_stamps``) they carry the record's stamps, or else they are compared by value, all with one host sync.
+    With ``trust_stamps`` an adapter whose tensors all carry their record's stamps is left alone (a layer marked
+    dirty is never trusted).
     """
     moves, incremental, to_compare, visited = [], [], [], []
     for layer in layers:
@@ -322,10 +335,13 @@ def plan(
             if record is not None and layer.delta_applied_scale[adapter] == layer.move_scale(adapter):
                 if trust and unchanged(layer, adapter):
                     continue
-                if trust and unchanged(layer, adapter, slice(2, None)):
-                    incremental.append((layer, adapter, current_tensors(layer, adapter)))
+                now = current_tensors(layer, adapter)
+                if (trust and unchanged(layer, adapter, slice(2, None))) or (
+                    record[2] is now[2] and record[3] is now[3]
+                ):
+                    incremental.append((layer, adapter, now))  # the record refers to the live anchors
                 else:
-                    to_compare.append((layer, adapter, record, current_tensors(layer, adapter)))
+                    to_compare.append((layer, adapter, record, now))
                 continue
             moves += _replacement(layer, adapter, record)
     if to_compare:
@@ -445,7 +461,9 @@ def _copy_records(moves: list[Move]) -> None:
             dst, src = by_kind.setdefault((store.dtype, store.device), ([], []))
             dst.append(store)
             src.append(value)
-        m.layer.delta_applied_stamp[m.adapter] = (_optimizer_steps[0], adapter_stamp(live_tensors(m.layer, m.adapter)))
+        live = live_tensors(m.layer, m.adapter)
+        m.layer.delta_applied_anchors[m.adapter] = live[2:4]  # equal to the recorded ones: refer to them again
+        m.layer.delta_applied_stamp[m.adapter] = (_optimizer_steps[0], adapter_stamp(live))
     for dst, src in by_kind.values():
         torch._foreach_copy_(dst, src)
 

@@ -140,6 +140,7 @@ class DeltaLoraLayer:
         "delta_rounding",
         "delta_applied_scale",
         "delta_applied_stamp",
+        "delta_applied_anchors",
         "_anchored",
         "_factored_cache",
     )
@@ -170,6 +171,7 @@ class DeltaLoraLayer:
         self.delta_rounding: dict[str, Rounding] = {}
         self.delta_applied_scale: dict[str, float] = {}
         self.delta_applied_stamp: dict[str, tuple] = {}
+        self.delta_applied_anchors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see invariant.applied_record
         self._anchored: dict[str, bool] = {}  # the flags' values, read only when they may have changed
         self._factored_cache: dict[str, tuple] = {}  # factored mode without autograd: the rank-2r factors
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
@@ -197,7 +199,12 @@ class DeltaLoraLayer:
         self._delta_state.touch()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): new tensors everywhere
+        anchors = self.__dict__.get("delta_applied_anchors", {})
+        live = {a: (self.lora_anchor_A[a], self.lora_anchor_B[a]) for a in anchors}
         result = super()._apply(fn, recurse)
+        for adapter, recorded in anchors.items():  # the records' anchors follow: the new live ones, or converted copies
+            new = (self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
+            anchors[adapter] = tuple(n if r is o else fn(r) for r, o, n in zip(recorded, live[adapter], new))
         self._delta_state.touch()
         return result
 
@@ -318,6 +325,7 @@ class DeltaLoraLayer:
         if module.is_partitioned():
             return  # ZeRO-3/FSDP: the state dict is taken inside the framework's own gather; the updater syncs
         module.sync_base_weight()
+        invariant.snapshot_anchors(module)
         module._delta_state.touch()
 
     def match_anchor_dtypes(self, adapter: str) -> None:
@@ -331,6 +339,7 @@ class DeltaLoraLayer:
 
     @staticmethod
     def _before_load(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
+        invariant.snapshot_anchors(module)  # the load writes the live anchors in place
         original = module.__dict__.pop("_loads_original_base", False)
         if f"{prefix}base_layer.weight" in state_dict:
             # What the loaded W holds: the ORIGINAL base where it comes from an adapter file (written so by
