@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import transformers
+from packaging.version import Version
 from peft import PeftModel, get_peft_model
 
 from deltalora_hf import DeltaLoRACallback
@@ -117,6 +119,9 @@ TRAINERS: dict[str, Run | NotRun] = {
 
 # Modules of trl.experimental that need an optional package the tests do not install.
 UNIMPORTABLE = {"trl.experimental.async_grpo.openenv_harness": "needs the `openenv` package"}
+# Modules of trl.experimental that import names of a newer transformers than the oldest supported one (4.57.1);
+# with the newest transformers they must import (and their trainers be classified).
+NEEDS_NEWER_TRANSFORMERS = {"trl.experimental.async_grpo": "5.0"}
 
 REQUIRED = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "RewardTrainer")
 RUN = [name for name, entry in TRAINERS.items() if isinstance(entry, Run)]
@@ -125,7 +130,10 @@ RUN = [name for name, entry in TRAINERS.items() if isinstance(entry, Run)]
 def test_every_installed_trainer_is_classified():
     found, failed = ts.installed_trainers()
     assert not sorted(set(found) - set(TRAINERS)), "trainers of the installed TRL that TRAINERS does not classify"
-    assert not sorted(set(failed) - set(UNIMPORTABLE)), f"TRL modules that failed to import: {failed}"
+    excused = {
+        m for m, version in NEEDS_NEWER_TRANSFORMERS.items() if Version(transformers.__version__) < Version(version)
+    }
+    assert not sorted(set(failed) - set(UNIMPORTABLE) - excused), f"TRL modules that failed to import: {failed}"
     for name, entry in TRAINERS.items():
         if name in found and isinstance(entry, NotRun):
             assert ts.accepts_peft(found[name]) == entry.takes_peft, name
