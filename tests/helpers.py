@@ -18,18 +18,20 @@ from transformers import (
 VOCAB = 97
 
 
+TINY_LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    values.update(config_overrides)
+    values = {**TINY_LLAMA, **config_overrides}
     return LlamaForCausalLM(LlamaConfig(**values)).to(dtype)
 
 

@@ -29,7 +29,7 @@ from transformers import (
 
 from deltalora_hf import DeltaLoraConfig
 
-from .helpers import VOCAB
+from .helpers import TINY_LLAMA, VOCAB
 
 R, ALPHA, LAMBDA = 4, 8, 0.5
 SCALE = ALPHA / R
@@ -59,19 +59,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def _llama_config(**overrides: Any) -> LlamaConfig:
     tok = tokenizer()
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    values.update(overrides)
+    special = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    values = {**TINY_LLAMA, **special, **overrides}
     return LlamaConfig(**values)
 
 
