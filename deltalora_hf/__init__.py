@@ -13,7 +13,7 @@ from .layer import DeltaLoraLayer
 from .model import DeltaLoraModel
 from .updater import DeltaLoraUpdater, UpdateStats
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"  # 0.3: anchors saved as lora_anchor_A.<adapter>.weight, peft_type names the install
 
 _register(DeltaLoraConfig, DeltaLoraModel)
 
