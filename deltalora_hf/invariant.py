@@ -322,8 +322,10 @@ def plan(
         state = layer._delta_state
         if trust and applied is None and not state.partitioned and state.unchanged(layer):
             continue  # no optimizer step, no event, the same factors at the same versions since its last sync
+        if state.dirty and layer.has_meta_tensors():
+            continue  # created empty and not loaded yet (low_cpu_mem_usage): it stays dirty until it is
         visited.append(layer)
-        if not (layer.lora_applied_A or layer.has_inplace_adapters()) or layer.has_meta_tensors():
+        if not (layer.lora_applied_A or layer.has_inplace_adapters()):
             continue
         target = layer.applied_adapters() if applied is None else layer.applied_adapters(applied)
         for adapter in dict.fromkeys([*layer.lora_applied_A.keys(), *target]):
