@@ -318,8 +318,8 @@ def plan(
     """
     moves, incremental, to_compare, visited = [], [], [], []
     for layer in layers:
-        trust = trust_stamps and not layer._delta_state.dirty
         state = layer._delta_state
+        trust = trust_stamps and not state.dirty
         if trust and applied is None and not state.partitioned and state.unchanged(layer):
             continue  # no optimizer step, no event, the same factors at the same versions since its last sync
         if state.dirty and layer.has_meta_tensors():
@@ -338,10 +338,9 @@ def plan(
                 if trust and unchanged(layer, adapter):
                     continue
                 now = current_tensors(layer, adapter)
-                if (trust and unchanged(layer, adapter, slice(2, None))) or (
-                    record[2] is now[2] and record[3] is now[3]
-                ):
-                    incremental.append((layer, adapter, now))  # the record refers to the live anchors
+                refers = record[2] is now[2] and record[3] is now[3]  # the record refers to the live anchors
+                if refers or (trust and unchanged(layer, adapter, slice(2, None))):
+                    incremental.append((layer, adapter, now))
                 else:
                     to_compare.append((layer, adapter, record, now))
                 continue
