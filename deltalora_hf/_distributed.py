@@ -114,22 +114,6 @@ def used_in_forward(module: torch.nn.Module, *params: torch.Tensor) -> tuple[tor
     return params
 
 
-def write_full_(param: torch.Tensor, value: torch.Tensor) -> None:
-    """In place: ``param = value`` where ``value`` is the whole (same on every rank) value of ``param``.
-
-    A ZeRO-3 parameter is gathered, written and partitioned again (a collective: every rank must call it, in the
-    same order); a DTensor takes its own block of ``value`` (``copy_from_full_``); anything else is a plain
-    ``copy_``.
-    """
-    if is_zero3(param):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.data.copy_(value)
-        return
-    copy_from_full_(param, value)
-
-
 def is_main_process() -> bool:
     """Rank 0 of an initialized ``torch.distributed`` job, or a process that is not part of one."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

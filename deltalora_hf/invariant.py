@@ -240,7 +240,7 @@ def current_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, 
     """``(A, B, A_K, B_K)`` now, whole: what the record becomes once W holds this adapter's move (read under
     ``torch.no_grad``; the record stores copies)."""
     a, b = full_values(*layer.lora_factors(adapter))
-    return a, b, *full_values(layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+    return a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter]  # buffers: never partitioned
 
 
 def live_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
@@ -472,7 +472,7 @@ def _copy_records(moves: list[Move]) -> None:
 def refresh_flags(layers: list[DeltaLoraLayer]) -> None:
     """Read every anchored flag by value (one host sync per device): a ``.data`` write may have changed one."""
     flags = [
-        (layer, adapter, full_values(flag)[0])
+        (layer, adapter, flag)
         for layer in layers
         for adapter, flag in layer.lora_anchored.items()
         if not flag.is_meta  # not loaded yet (low_cpu_mem_usage): read after the load

@@ -28,7 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import functional, invariant
-from ._distributed import check_writable_in_place, gathered, is_partitioned, used_in_forward, write_full_
+from ._distributed import check_writable_in_place, gathered, is_partitioned, used_in_forward
 from .config import BaseUpdate
 from .functional import Rounding, delta_factors, scale_grad
 
@@ -239,13 +239,12 @@ class DeltaLoraLayer:
         if self._moves_w(adapter_name):
             check_writable_in_place(self.get_base_layer().weight, f"a layer of adapter '{adapter_name}'")
         with torch.no_grad(), gathered(*self.lora_factors(adapter_name)) as (a, b):
-            for store, value in ((self.lora_anchor_A, a), (self.lora_anchor_B, b)):
+            for store, value in ((self.lora_anchor_A, a), (self.lora_anchor_B, b)):  # buffers: never partitioned
                 anchor = store[adapter_name]
-                if not is_partitioned(anchor) and (anchor.dtype != value.dtype or anchor.shape != value.shape):
+                if anchor.dtype != value.dtype or anchor.shape != value.shape:
                     store[adapter_name] = torch.zeros_like(value, device=anchor.device)  # in the factors' dtype
-                write_full_(store[adapter_name], value)
-            flag = self.lora_anchored[adapter_name]
-            write_full_(flag, torch.ones(1, dtype=flag.dtype, device=a.device))
+                store[adapter_name].copy_(value)
+            self.lora_anchored[adapter_name].fill_(1.0)
         self._anchored[adapter_name] = True
         self._delta_state.touch()
 
@@ -333,7 +332,7 @@ class DeltaLoraLayer:
         a, b = self.lora_factors(adapter)
         for store, like in ((self.lora_anchor_A, a), (self.lora_anchor_B, b), (self.lora_anchored, a)):
             anchor = store[adapter]
-            if anchor.dtype != like.dtype and like.dtype.is_floating_point and not is_partitioned(anchor):
+            if anchor.dtype != like.dtype and like.dtype.is_floating_point:
                 store[adapter] = anchor.to(like.dtype)
                 self._delta_state.touch()
 
@@ -440,8 +439,8 @@ class DeltaLoraLayer:
     def _factored_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``[(1 + lambda g) s B', -lambda s B_K]`` and ``[A'; A_K]`` (see ``_adapter_output``)."""
         a, b = used_in_forward(self, *self.lora_factors(adapter))
-        stores = (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored)
-        a_k, b_k, flag = (_as(t.detach(), a.dtype) for t in used_in_forward(self, *(s[adapter] for s in stores)))
+        stores = (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored)  # buffers: whole on every rank
+        a_k, b_k, flag = (_as(store[adapter], a.dtype) for store in stores)
         s, ratio = self.scaling[adapter], self.delta_update_ratio[adapter]
         grow = 1.0 + ratio * flag.reshape(())
         a_cat = torch.cat([scale_grad(a, 1.0 / grow), a_k], dim=0)

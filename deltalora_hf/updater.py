@@ -122,7 +122,7 @@ class DeltaLoraUpdater:
         return self.sync()
 
     def sync(self) -> int:
-        """Bring every layer to its invariant (see ``deltalora_hf.layer``); return the number of W writes."""
+        """Bring every layer to its invariant (see ``deltalora_hf.invariant``); return the number of W writes."""
         return len(sync_layers(self.layers(), generator_for=self._generator).written)
 
     def step(self, step: int | None = None) -> UpdateStats:
@@ -161,7 +161,7 @@ class DeltaLoraUpdater:
             for layer, adapter in _moving_adapters(self.layers()):
                 if layer.is_anchored(adapter):
                     a, b = full_values(*layer.lora_factors(adapter))
-                    a_k, b_k = full_values(layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
+                    a_k, b_k = layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter]
                     u, v = delta_factors(a, b, a_k.to(a.dtype), b_k.to(b.dtype))
                     total += float(low_rank_frobenius_sq(u, v)) * layer.move_scale(adapter) ** 2
         return math.sqrt(total)
