@@ -348,32 +348,29 @@ def _online_args(output_dir: str) -> dict[str, Any]:
     )
 
 
-def run_grpo(model, peft_config, output_dir: str, callbacks: list) -> Trainer:
-    from trl import GRPOConfig, GRPOTrainer
-
-    return GRPOTrainer(
+def _run_online(trainer_cls, config_cls, seed: int, model, peft_config, output_dir: str, callbacks: list) -> Trainer:
+    """GRPO and RLOO: the same tiny setup (prompts, reward function, generation without vLLM)."""
+    return trainer_cls(
         model=model,
         reward_funcs=_reward_fn,
-        args=GRPOConfig(**_online_args(output_dir)),
-        train_dataset=_dataset({"prompt": _text(7, STEPS, 5)}),
+        args=config_cls(**_online_args(output_dir)),
+        train_dataset=_dataset({"prompt": _text(seed, STEPS, 5)}),
         processing_class=tokenizer(),
         peft_config=peft_config,
         callbacks=callbacks,
     )
+
+
+def run_grpo(model, peft_config, output_dir: str, callbacks: list) -> Trainer:
+    from trl import GRPOConfig, GRPOTrainer
+
+    return _run_online(GRPOTrainer, GRPOConfig, 7, model, peft_config, output_dir, callbacks)
 
 
 def run_rloo(model, peft_config, output_dir: str, callbacks: list) -> Trainer:
     from trl import RLOOConfig, RLOOTrainer
 
-    return RLOOTrainer(
-        model=model,
-        reward_funcs=_reward_fn,
-        args=RLOOConfig(**_online_args(output_dir)),
-        train_dataset=_dataset({"prompt": _text(8, STEPS, 5)}),
-        processing_class=tokenizer(),
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    return _run_online(RLOOTrainer, RLOOConfig, 8, model, peft_config, output_dir, callbacks)
 
 
 def run_online_dpo(model, peft_config, output_dir: str, callbacks: list) -> Trainer:
