@@ -86,9 +86,6 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
         _optimizer_steps[0] += 1
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
 def optimizer_steps() -> int:
     """How many optimizer steps this process has taken (any optimizer)."""
     return _optimizer_steps[0]
@@ -104,12 +101,23 @@ def _count_registration(module: torch.nn.Module, name: str, value: object) -> No
         _registrations[0] += 1
 
 
-for _register in (
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-    register_module_buffer_registration_hook,
-):
-    _register(_count_registration)
+_hooks: list = []
+
+
+def install_hooks() -> None:
+    """Install the two process-wide counters (optimizer steps, registrations) once, when the first Delta-LoRA layer
+    is created: a process that imports the package without building a Delta-LoRA model runs none of our code on
+    its optimizer steps or module registrations. They stay for the life of the process: a layer created later
+    relies on counts that started before it, and each hook is one integer increment."""
+    if _hooks:
+        return
+    _hooks.append(register_optimizer_step_post_hook(_count_optimizer_step))
+    for register in (
+        register_module_module_registration_hook,
+        register_module_parameter_registration_hook,
+        register_module_buffer_registration_hook,
+    ):
+        _hooks.append(register(_count_registration))
 
 
 def version(t: torch.Tensor) -> int:
@@ -370,7 +378,7 @@ def _replacement(layer, adapter, record, now=None) -> list[Move]:
 
 def _read_flags(tensors: list[torch.Tensor]) -> list[bool]:
     """Boolean 0-dim tensors to Python, one host sync per device."""
-    return [x != 0.0 for x in _read_scalars([t.reshape(1).float() for t in tensors])]
+    return [x != 0.0 for x in read_scalars([t.reshape(1).float() for t in tensors])]
 
 
 def _group_incremental(
@@ -440,7 +448,7 @@ def _apply(move: Move, square: float, generator: torch.Generator | None) -> bool
     return written
 
 
-def _read_scalars(parts: list[torch.Tensor]) -> list[float]:
+def read_scalars(parts: list[torch.Tensor]) -> list[float]:
     """The values of 1-D float tensors, concatenated, with one host sync per device."""
     by_device: dict[torch.device, list[int]] = {}
     for i, part in enumerate(parts):
@@ -477,7 +485,7 @@ def refresh_flags(layers: list[DeltaLoraLayer]) -> None:
         for adapter, flag in layer.lora_anchored.items()
         if not flag.is_meta  # not loaded yet (low_cpu_mem_usage): read after the load
     ]
-    values = _read_scalars([flag.reshape(1).float() for _, _, flag in flags])
+    values = read_scalars([flag.reshape(1).float() for _, _, flag in flags])
     for (layer, adapter, _), value in zip(flags, values):
         layer._anchored[adapter] = value != 0.0
 
@@ -532,7 +540,7 @@ def sync_layers(
         grouped, group_squares = _group_incremental(candidates)
         moves += grouped  # after the individual ones, as in `parts` below
         parts = [m.square.reshape(1).float() for m in moves if m.square is not None] + group_squares
-        squares = [sq * m.alpha**2 for m, sq in zip(moves, _read_scalars(parts))]
+        squares = [sq * m.alpha**2 for m, sq in zip(moves, read_scalars(parts))]
         wrote = [_apply(m, sq, generator_for(m.layer)) for m, sq in zip(moves, squares)]
         _copy_records([m for m, w in zip(moves, wrote) if w and m.incremental])
     for layer in visited:

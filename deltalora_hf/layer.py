@@ -77,6 +77,13 @@ class AnchorDict(nn.Module):
         return [(k, m.weight) for k, m in self._modules.items()]
 
 
+class InplaceMarks(nn.Module):
+    """Holds no tensor: it names the state-dict keys ``lora_inplace_move.<adapter>`` that an in-place layer adds to
+    every state dict it gives (the scale at which the W of that state dict holds the adapter's move; see
+    ``DeltaLoraLayer._add_inplace_marks``). Registered as a child so that PEFT counts the keys as the adapter's
+    (``get_base_model_state_dict`` leaves them out) while a load of any state dict finds them."""
+
+
 class ScalingDict(dict):
     """PEFT's per-adapter ``scaling`` dict, observed: any change marks the layer for a value sync.
 
@@ -133,6 +140,7 @@ class DeltaLoraLayer:
         "lora_anchor_A",
         "lora_anchor_B",
         "lora_anchored",
+        "lora_steps",
         *invariant.RECORD_NAMES,
         "delta_update_ratio",
         "delta_base_update",
@@ -142,7 +150,6 @@ class DeltaLoraLayer:
         "delta_applied_stamp",
         "delta_applied_anchors",
         "_anchored",
-        "_factored_cache",
     )
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -160,9 +167,12 @@ class DeltaLoraLayer:
     def _init_delta_state(self) -> None:
         if hasattr(self, "lora_anchored"):
             return
+        invariant.install_hooks()
         self.lora_anchor_A = AnchorDict()
         self.lora_anchor_B = AnchorDict()
         self.lora_anchored = AnchorDict()
+        self.lora_steps = AnchorDict()  # the adapter's own optimizer steps (int64), saved: K is counted in them
+        self.lora_inplace_move = InplaceMarks()
         for name in invariant.RECORD_NAMES:
             setattr(self, name, BufferDict(persistent=False))
         self.delta_update_ratio: dict[str, float] = {}
@@ -173,18 +183,26 @@ class DeltaLoraLayer:
         self.delta_applied_stamp: dict[str, tuple] = {}
         self.delta_applied_anchors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see invariant.applied_record
         self._anchored: dict[str, bool] = {}  # the flags' values, read only when they may have changed
-        self._factored_cache: dict[str, tuple] = {}  # factored mode without autograd: the rank-2r factors
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
         self._delta_warned = False
         self.other_param_names = (*self.other_param_names, *self.delta_param_names)  # delete_adapter, .to()
         self.register_state_dict_pre_hook(DeltaLoraLayer._sync_before_state_dict)
+        self.register_state_dict_post_hook(DeltaLoraLayer._add_inplace_marks)
         self.register_load_state_dict_pre_hook(DeltaLoraLayer._before_load)
         self.register_load_state_dict_post_hook(DeltaLoraLayer._after_load)
 
     def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        config = kwargs.get("config")
+        if not hasattr(config, "update_ratio"):  # PEFT's LoraModel adding a plain LoRA adapter to this layer
+            raise ValueError(
+                f"Cannot add the plain LoRA adapter '{adapter_name}' ({type(config).__name__}) to a layer that holds "
+                f"the Delta-LoRA adapter(s) {', '.join(self.delta_base_update)}: one layer holds adapters of one PEFT "
+                "type. Nothing was added to this layer. Export the Delta-LoRA adapter as a plain LoRA with "
+                "deltalora_hf.export_lora(model, path) and load both as LoRA, or load the LoRA adapter into a model "
+                "without Delta-LoRA adapters (model.unload() gives the original base)."
+            )
         self._init_delta_state()
         super().update_layer(adapter_name, *args, **kwargs)
-        config = kwargs["config"]
         self.delta_update_ratio[adapter_name] = float(config.update_ratio)
         self.delta_base_update[adapter_name] = config.base_update
         self.delta_start_step[adapter_name] = int(config.start_step)
@@ -195,6 +213,7 @@ class DeltaLoraLayer:
         self.lora_anchor_A[adapter_name] = torch.zeros(a.shape, dtype=a.dtype, device=device)
         self.lora_anchor_B[adapter_name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
         self.lora_anchored[adapter_name] = torch.zeros(1, dtype=a.dtype, device=device)
+        self.lora_steps[adapter_name] = torch.zeros(1, dtype=torch.int64, device=device)
         self._anchored[adapter_name] = False
         self._delta_state.touch()
 
@@ -213,6 +232,10 @@ class DeltaLoraLayer:
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of an adapter as ``r x k`` and ``d x r`` tensors such that ``delta W = s * B @ A``."""
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def lora_factor_keys(self, adapter_name: str) -> tuple[str, str]:
+        """The state-dict keys of ``lora_factors`` relative to the layer."""
+        return f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight"
 
     def lora_factor_slots(self, adapter_name: str) -> tuple[tuple[dict, str], ...]:
         """Where ``lora_factors`` live: ``(parameter dict, key)`` pairs, for the forward's identity check."""
@@ -251,7 +274,7 @@ class DeltaLoraLayer:
     def copy_anchors(self, source: str, target: str) -> None:
         """Give adapter ``target`` the anchors and flag of adapter ``source`` (see ``adopt_copied_anchors``)."""
         with torch.no_grad():
-            for store in (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored):
+            for store in (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored, self.lora_steps):
                 if store[target].shape != store[source].shape or store[target].dtype != store[source].dtype:
                     store[target] = torch.zeros_like(store[source])
                 store[target].copy_(store[source])
@@ -308,7 +331,6 @@ class DeltaLoraLayer:
         state = self._delta_state
         if state.unchanged(self):
             return
-        self._factored_cache.clear()  # whatever changed may not show in the tensors' stamps
         if state.partitioned or self.is_partitioned():
             # ZeRO-3 and FSDP2 swap whole copies of partitioned tensors in around every forward (a write there would
             # be lost): the updater and the entry points sync these layers, outside the forward
@@ -337,32 +359,43 @@ class DeltaLoraLayer:
                 self._delta_state.touch()
 
     @staticmethod
+    def _add_inplace_marks(module: DeltaLoraLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        """An in-place layer's state dict says what its W holds: ``lora_inplace_move.<adapter>`` is the scale at
+        which W holds that adapter's move (0: none). Factored layers write no such key (W is the original base)."""
+        for adapter in module.delta_base_update:
+            if module._moves_w(adapter):
+                scale = module.delta_applied_scale.get(adapter, 0.0)
+                state_dict[f"{prefix}lora_inplace_move.{adapter}"] = torch.tensor(scale, dtype=torch.float64)
+
+    @staticmethod
     def _before_load(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
         invariant.snapshot_anchors(module)  # the load writes the live anchors in place
+        marks = {
+            key.removeprefix(f"{prefix}lora_inplace_move."): float(state_dict.pop(key))
+            for key in [k for k in state_dict if k.startswith(f"{prefix}lora_inplace_move.")]
+        }
         original = module.__dict__.pop("_loads_original_base", False)
-        if f"{prefix}base_layer.weight" in state_dict:
-            # What the loaded W holds: the ORIGINAL base where it comes from an adapter file (written so by
-            # DeltaLoraModel._get_adapter_state_dict) or from a state dict of the base model alone; otherwise (a
-            # whole-model state dict) the moves of the active adapters, as state_dict() returns W.
-            own = tuple(f"{prefix}{name}." for name in (*module.adapter_layer_names, "lora_anchor_A"))
-            original = original or not any(key.startswith(own) for key in state_dict)
-            module._loads_base_weight = "original" if original else "moved"
+        weight_key = f"{prefix}base_layer.weight"
+        if weight_key in state_dict:
+            module._loads_base_weight = _what_loaded_w_holds(module, state_dict, prefix, marks, original)
+        _warn_if_partial(module, state_dict, prefix)
         for adapter in module.lora_anchored.keys():  # loaded anchors keep the factors' dtype (and precision)
             module.match_anchor_dtypes(adapter)
 
     @staticmethod
     def _after_load(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
         module._delta_state.touch()
-        loaded = module.__dict__.pop("_loads_base_weight", None)
-        if loaded is not None:  # W itself was loaded: record what it holds, then bring it to the invariant
+        holds = module.__dict__.pop("_loads_base_weight", None)
+        if holds is not None and holds != "unchanged":  # W was replaced: record what the loaded W holds
             with torch.no_grad():
                 invariant.refresh_flags([module])
                 for adapter in list(module.lora_applied_A.keys()):
                     invariant.set_record(module, adapter, None, 0.0)
-                if loaded == "moved":
-                    for adapter in module.applied_adapters():
-                        now = invariant.current_tensors(module, adapter)
-                        invariant.set_record(module, adapter, now, module.move_scale(adapter))
+                if holds == "legacy":
+                    holds = {adapter: module.move_scale(adapter) for adapter in module.applied_adapters()}
+                for adapter, scale in holds.items():
+                    if scale != 0.0 and adapter in module.delta_base_update:
+                        invariant.set_record(module, adapter, invariant.current_tensors(module, adapter), scale)
         module.sync_base_weight()
 
     def set_adapter(self, adapter_names: str | list[str], *args: Any, **kwargs: Any) -> None:
@@ -373,7 +406,6 @@ class DeltaLoraLayer:
         keep = [a for a in self.applied_adapters() if a != adapter_name]
         self.sync_base_weight(applied=keep)  # take its move out of W before its factors are gone
         super().delete_adapter(adapter_name)
-        self._factored_cache.pop(adapter_name, None)
         self.sync_base_weight()  # PEFT may have activated another adapter
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -453,23 +485,13 @@ class DeltaLoraLayer:
         Factored: ``(1 + lambda g) s B A x - lambda s B_K A_K x`` as ONE rank-2r product,
         ``[(1 + lambda g) s B', -lambda s B_K] [A'; A_K] x``, where ``A', B'`` are the factors with their gradient
         scaled by ``1 / (1 + lambda g)`` (``scale_grad``): A and B get LoRA's gradients,
-        x gets the whole layer's, and no activation-sized tensor is added beyond LoRA's. When the factors need no
-        gradient (inference, generation, a frozen reference), the rank-2r factors are reused while unchanged.
+        x gets the whole layer's, and no activation-sized tensor is added beyond LoRA's. The rank-2r factors are
+        built from the live tensors on every call (two small concatenations): nothing is cached, so no write of
+        any kind (``.data`` included) can leave the forward behind.
         """
         if not self._factored(adapter):
             return self.scaling[adapter] * self._lora_path(adapter, x)
-        a, b = self.lora_factors(adapter)
-        if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)) or torch.compiler.is_compiling():
-            return self._factor_path(x, *self._factored_factors(adapter))
-        if is_partitioned(a):
-            return self._factor_path(x, *self._factored_factors(adapter))
-        live = invariant.live_tensors(self, adapter)
-        cached = self._factored_cache.get(adapter)
-        if cached is None or cached[0] != invariant.optimizer_steps() or not invariant.same_stamp(cached[1], live):
-            with torch.no_grad():
-                cached = (invariant.optimizer_steps(), invariant.adapter_stamp(live), *self._factored_factors(adapter))
-            self._factored_cache[adapter] = cached
-        return self._factor_path(x, cached[2], cached[3])
+        return self._factor_path(x, *self._factored_factors(adapter))
 
     def _warn_if_not_driven(self) -> None:
         if self.delta_driven or self._delta_warned or not self.training or not torch.is_grad_enabled():
@@ -523,6 +545,9 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
 
+    def lora_factor_keys(self, adapter_name: str) -> tuple[str, str]:
+        return f"lora_embedding_A.{adapter_name}", f"lora_embedding_B.{adapter_name}"
+
     def lora_factor_slots(self, adapter_name: str) -> tuple[tuple[dict, str], ...]:
         return (self.lora_embedding_A._parameters, adapter_name), (self.lora_embedding_B._parameters, adapter_name)
 
@@ -541,3 +566,52 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
 
     def __repr__(self) -> str:
         return "deltalora." + nn.Module.__repr__(self)
+
+
+def _what_loaded_w_holds(
+    layer: DeltaLoraLayer, state_dict: dict, prefix: str, marks: dict[str, float], from_adapter_file: bool
+) -> dict[str, float] | str:
+    """What the W being loaded into ``layer`` holds: ``{adapter: scale}`` of the moves in it, ``"unchanged"``, or
+    ``"legacy"`` (the moves of the layer's applied adapters, read after the load).
+
+    * A state dict written by an in-place layer says so itself (``lora_inplace_move.<adapter>`` keys, the moves of
+      the tensors it carries); any other W is the original base (factored layers, base models, adapter files).
+    * A W equal to the one in memory changes nothing (``set_base_model_state_dict(m, get_base_model_state_dict(m))``).
+    * A whole-model state dict of deltalora-hf <= 0.3 (the layer's adapter keys, no ``lora_steps``) held the moves of
+      its in-place adapters, as that version's ``state_dict()`` gave W.
+    """
+    if marks:
+        return marks
+    incoming, current = state_dict[f"{prefix}base_layer.weight"], layer.get_base_layer().weight
+    plain = not (is_partitioned(current) or current.is_meta or is_partitioned(incoming))
+    if plain and incoming.shape == current.shape and incoming.dtype == current.dtype:
+        with torch.no_grad():
+            if torch.equal(incoming.to(current.device), current):
+                return "unchanged"
+    own = tuple(f"{prefix}{name}." for name in (*layer.adapter_layer_names, "lora_anchor_A"))
+    legacy = any(k.startswith(own) for k in state_dict) and not any(
+        k.startswith(f"{prefix}lora_steps.") for k in state_dict
+    )
+    return "legacy" if legacy and not from_adapter_file else {}
+
+
+def _warn_if_partial(layer: DeltaLoraLayer, state_dict: dict, prefix: str) -> None:
+    """Warn when a state dict brings an adapter's factors without its anchors, flag or step count."""
+    for adapter in layer.delta_base_update:
+        factor = f"{prefix}{layer.lora_factor_keys(adapter)[0]}"
+        if factor not in state_dict:
+            continue
+        wanted = [f"{prefix}{name}.{adapter}.weight" for name in ("lora_anchor_A", "lora_anchor_B", "lora_anchored")]
+        flag = state_dict.get(wanted[-1])
+        if flag is None or not bool(flag.reshape(-1)[0]):  # the step count matters until the adapter is anchored
+            wanted.append(f"{prefix}lora_steps.{adapter}.weight")
+        missing = [key.removeprefix(prefix) for key in wanted if key not in state_dict]
+        if missing:
+            warnings.warn(
+                f"Delta-LoRA: a state dict loaded the factors of adapter '{adapter}' without {', '.join(missing)} "
+                "(e.g. a checkpoint of the trainable parameters only). The factors are loaded; the anchors, flag "
+                "and step count stay as they were in this model, so W may move from other anchors, or start at "
+                "another step, than in the run that wrote the checkpoint. Save and load model.state_dict() whole, "
+                "or save_pretrained / PeftModel.from_pretrained (see docs/guides/custom-loops.md).",
+                stacklevel=4,
+            )

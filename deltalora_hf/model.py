@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import PeftType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -118,7 +120,23 @@ class DeltaLoraModel(LoraModel):
             raise TypeError(f"DeltaLoraModel needs a DeltaLoraConfig, got {type(config).__name__}.")
         super()._check_new_adapter_config(config)
 
+    def _prepare_model(self, peft_config: DeltaLoraConfig, model: nn.Module) -> None:
+        """Refuse, before any layer is created, targets where another PEFT method's layers already sit."""
+        for key, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, DeltaLoraLayer):
+                if self._check_target_module_exists(peft_config, key):
+                    raise ValueError(_other_type_message(key, module))
+        super()._prepare_model(peft_config, model)
+
+    def _check_target_module_compatiblity(self, peft_config, model: nn.Module, target_name: str) -> None:
+        """PEFT's guards for LoRA targets (e.g. Mamba's ``out_proj``) apply to Delta-LoRA layers, which are LoRA's."""
+        as_lora = copy.copy(peft_config)
+        as_lora.peft_type = PeftType.LORA
+        super()._check_target_module_compatiblity(as_lora, model, target_name)
+
     def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, BaseTunerLayer) and not isinstance(target, DeltaLoraLayer):
+            raise ValueError(_other_type_message(current_key, target))
         base = _base_layer(target)
         check_target(base, current_key, lora_config.base_update)
         check_not_tied(self.model, base, current_key)
@@ -137,6 +155,16 @@ class DeltaLoraModel(LoraModel):
         """Check every tensor's shape before anything is loaded; on a mismatch, take the half-created adapter out
         again (and unwrap the base if it was the only one) and name what differs: the rank or the base."""
         state_dict = {_current_anchor_key(k): _current_anchor_value(k, v) for k, v in state_dict.items()}
+        problems = _damaged_adapter_keys(state_dict)
+        if problems:
+            remove_adapter_everywhere(model, adapter_name)
+            raise ValueError(
+                f"The Delta-LoRA adapter '{adapter_name}' cannot be loaded: its file is incomplete or damaged "
+                f"({'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}). Without its anchors and "
+                "anchored flag, or with non-finite values, it would load as another model. Save the adapter again "
+                "from the trained model (save_pretrained writes factors, anchors, flag and step count). The model "
+                f"was left as it was (no adapter '{adapter_name}' was added)."
+            )
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for name, layer in model.named_modules():  # an adapter file's base weights are the original base's
             key = f"{name}.base_layer.weight"  # PEFT maps it to the model later when the model is not a PeftModel
@@ -157,6 +185,7 @@ class DeltaLoraModel(LoraModel):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """PEFT's selection of what an adapter file holds. The embedding weights PEFT adds to it (when an embedding
         is targeted) are written as the ORIGINAL base's: an adapter file never carries the move of another adapter."""
+        state_dict = {k: v for k, v in state_dict.items() if ".lora_inplace_move." not in k}  # W is not saved
         for name, layer in model.named_modules():
             key = f"{name}.base_layer.weight"
             if isinstance(layer, Embedding) and key in state_dict and layer.lora_applied_A:
@@ -219,6 +248,34 @@ class DeltaLoraModel(LoraModel):
 
 def _moved(layer: DeltaLoraLayer, adapter: str) -> bool:
     return layer.delta_update_ratio[adapter] != 0.0 and layer.is_anchored(adapter)
+
+
+def _other_type_message(key: str, module: nn.Module) -> str:
+    adapters = ", ".join(getattr(module, "active_adapters", []) or ["?"])
+    return (
+        f"Cannot add a Delta-LoRA adapter to '{key}': it already holds adapter(s) {adapters} of another PEFT type "
+        f"({type(module).__module__}.{type(module).__name__}, e.g. plain LoRA). One layer holds adapters of one PEFT "
+        "type, or the Delta-LoRA adapter would be served by the other type's layer. Nothing was created. Load the "
+        "Delta-LoRA adapter into a model without those adapters (unload() them first), or export it as a plain "
+        "LoRA with deltalora_hf.export_lora(model, path) and load both as LoRA."
+    )
+
+
+_REQUIRED_PER_ADAPTER = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
+
+
+def _damaged_adapter_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """What makes an adapter file unusable: a layer's factors without its anchors or flag, or non-finite values."""
+    problems = []
+    layers = {k.rsplit(".lora_", 1)[0] for k in state_dict if ".lora_A." in k or ".lora_embedding_A" in k}
+    for layer in sorted(layers):
+        for name in _REQUIRED_PER_ADAPTER:
+            if not any(k.startswith(f"{layer}.{name}") for k in state_dict):
+                problems.append(f"missing {layer}.{name}")
+    for key, value in state_dict.items():
+        if ".lora_" in key and value.is_floating_point() and not value.is_meta and not torch.isfinite(value).all():
+            problems.append(f"non-finite values in {key}")
+    return problems
 
 
 def _current_anchor_key(key: str) -> str:

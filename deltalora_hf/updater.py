@@ -12,14 +12,15 @@ Call ``DeltaLoraUpdater.step`` once after every ``optimizer.step()``::
 
 ``DeltaLoRACallback`` drives the same object from ``Trainer``.
 
-The updater does two things. It *anchors* each active adapter at the end of optimizer step ``t == start_step``
-(counted from 0 in the run; the first run's step that reaches it), recording ``(A_K, B_K)``. And it *syncs* every
+The updater does two things. It *anchors* each active adapter at the end of its own optimizer step
+``t == start_step`` (counted from 0 in the adapter's saved step count ``lora_steps``, which a resumed run, a new
+process or a second trainer continues), recording ``(A_K, B_K)``. And it *syncs* every
 layer (``DeltaLoraLayer.sync_base_weight``): W follows the factors of every anchored in-place adapter, which
 after an optimizer step is exactly ``W += lambda * s * (B'A' - BA)``. The anchor belongs to the adapter, not to
 the run: once anchored, W moves on every later optimizer step of any run, resumed or new. The sync is idempotent,
 so a second updater or callback on the same model changes nothing (no doubled update). All state that survives a
-step lives on the layers; the updater holds only the step counter and the random generator of the stochastic
-rounding.
+step lives on the layers (the step counts included); the updater holds only a label for its statistics and the
+random generator of the stochastic rounding.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 
 from ._distributed import check_writable_in_place, full_values
 from .functional import delta_factors, low_rank_frobenius_sq
-from .invariant import sync_layers
+from .invariant import read_scalars, sync_layers
 from .layer import DeltaLoraLayer
 from .model import delta_lora_layers
 
@@ -74,6 +75,11 @@ def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLa
         for adapter in layer.active_adapters:
             if layer.delta_update_ratio.get(adapter, 0.0) != 0.0:
                 yield layer, adapter
+
+
+def _is_trained(layer: DeltaLoraLayer, adapter: str) -> bool:
+    """Whether the optimizer trains this adapter's factors (a frozen reference adapter takes no steps)."""
+    return any(t.requires_grad for t in layer.lora_factors(adapter))
 
 
 class DeltaLoraUpdater:
@@ -126,26 +132,34 @@ class DeltaLoraUpdater:
         return len(sync_layers(self.layers(), generator_for=self._generator).written)
 
     def step(self, step: int | None = None) -> UpdateStats:
-        """Anchor where due, then move W for the optimizer step that was just taken.
+        """Count the optimizer step that was just taken, anchor where due, then move W for it.
+
+        Every active Delta-LoRA adapter whose factors are trained counts the step in its own saved counter
+        (``lora_steps``); it anchors once it has taken ``start_step + 1`` steps, so W moves on its steps
+        ``t > K`` (``t`` counted from 0), however the training was split into runs, processes or trainers.
 
         Args:
-            step: the 0-based index ``t`` of that optimizer step in this run (``Trainer``'s ``state.global_step``
-                before it is incremented). Defaults to one more than the previous call, starting at 0.
+            step: a label for ``UpdateStats.step`` (``Trainer`` passes ``state.global_step``); defaults to one more
+                than the previous call. It does not decide when W starts to move: the adapter's own count does.
         """
         t = self.next_step if step is None else int(step)
         self.next_step = t + 1
         layers = self.layers()
-        factored_moved, anchored_before = 0, False
-        for layer, adapter in _moving_adapters(layers):
-            if not layer.is_anchored(adapter):
-                if t >= layer.delta_start_step[adapter]:
+        trained = [(layer, adapter) for layer, adapter in _moving_adapters(layers) if _is_trained(layer, adapter)]
+        anchored_before = [(layer, adapter) for layer, adapter in trained if layer.is_anchored(adapter)]
+        if trained:
+            with torch.no_grad():
+                torch._foreach_add_([layer.lora_steps[adapter] for layer, adapter in trained], 1)
+        pending = [(layer, adapter) for layer, adapter in trained if not layer.is_anchored(adapter)]
+        if pending:  # one host sync, and only until every adapter is anchored
+            counts = read_scalars([layer.lora_steps[adapter].reshape(1).float() for layer, adapter in pending])
+            for (layer, adapter), count in zip(pending, counts):
+                if count > layer.delta_start_step[adapter]:
                     layer.set_anchor(adapter)
-                continue
-            anchored_before = True  # so this step moved its (effective) W, whichever updater applies it
-            factored_moved += layer._factored(adapter)
         # in place: W += lambda s (B'A' - BA); factors whose version counters did not change are not read
         result = sync_layers(layers, generator_for=self._generator, trust_stamps=True)
-        self.moves_in_run += anchored_before
+        self.moves_in_run += bool(anchored_before)
+        factored_moved = sum(layer._factored(adapter) for layer, adapter in anchored_before)
         self.last = UpdateStats(
             step=t,
             layers_moved=len({id(m.layer) for m in result.written}) + factored_moved,

@@ -1,0 +1,199 @@
+"""Ordinary paths outside the inventory (issue 22): each gives the trained model or a clear error before anything
+changed. The reference is the independent dense model of ``reference_logits`` (no code shared with the package)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_base_model_state_dict, get_peft_model, set_base_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.utils.data import default_collate
+
+from deltalora_hf import DeltaLoraUpdater
+
+from .helpers import lm_rows, tiny_llama
+from .test_invariant import (
+    MODES,
+    adapter_tensors,
+    assert_close,
+    delta_config,
+    logits,
+    moved_far,
+    reference_logits,
+    trained,
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """One trained model per mode (Trainer + callback, K=2, 6 steps); tests take deep copies."""
+    folder = tmp_path_factory.mktemp("paths")
+    return {mode: trained(folder, mode) for mode in MODES}
+
+
+def fresh_copy(models, mode):
+    model = copy.deepcopy(models[mode])
+    assert moved_far(adapter_tensors(model)) > 1e-3
+    return model
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fresh_adapter_filled_through_data_after_a_no_grad_forward_is_the_copy(models, mode):
+    model = fresh_copy(models, mode)
+    tensors = adapter_tensors(model)
+    model.add_adapter("ref", delta_config(mode))
+    model.set_adapter("ref")
+    logits(model)  # an eval pass with the fresh adapter: nothing may keep what it saw
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if ".default." in name:
+            params[name.replace(".default.", ".ref.")].data.copy_(p.data)  # TRL's copy
+    model.set_adapter("ref")
+    assert_close(logits(model), reference_logits(tensors))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_no_grad_forward_sees_data_writes_to_the_factors(models, mode):
+    model = fresh_copy(models, mode)
+    logits(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.lora_B["default"].weight.data.mul_(2.0)  # no version counter change, no entry point
+    assert_close(logits(model), reference_logits(adapter_tensors(model)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_set_base_model_state_dict_of_get_base_model_state_dict_changes_nothing(models, mode):
+    model = fresh_copy(models, mode)
+    tensors = adapter_tensors(model)
+    set_base_model_state_dict(model, get_base_model_state_dict(model))
+    assert_close(logits(model), reference_logits(tensors))
+    saved = {k: v.clone() for k, v in get_base_model_state_dict(model).items()}  # a copy, as read from a file
+    set_base_model_state_dict(model, saved)
+    assert_close(logits(model), reference_logits(tensors))
+    with model.disable_adapter():
+        assert_close(logits(model), reference_logits(None))
+
+
+@pytest.mark.parametrize("source", MODES)
+@pytest.mark.parametrize("target", MODES)
+def test_a_state_dict_of_either_mode_loads_into_either_mode(models, source, target):
+    state = {k: v.clone() for k, v in models[source].state_dict().items()}
+    tensors = adapter_tensors(models[source])
+    assert any(".lora_inplace_move." in k for k in state) == (source == "inplace")  # the keys say the mode
+    model = get_peft_model(tiny_llama(), delta_config(target))
+    model.load_state_dict(state)
+    assert_close(logits(model), reference_logits(tensors))
+    with model.disable_adapter():
+        assert_close(logits(model), reference_logits(None))
+
+
+def _plain_lora(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "lora")
+    return tmp_path / "lora"
+
+
+@pytest.mark.parametrize("order", ["lora-first", "delta-first"])
+def test_delta_lora_and_plain_lora_on_the_same_layers_are_refused_before_anything_is_created(
+    models, order, tmp_path
+):
+    lora_path = _plain_lora(tmp_path)
+    models["inplace"].save_pretrained(tmp_path / "delta")
+    base = tiny_llama()
+    first, second = (lora_path, tmp_path / "delta") if order == "lora-first" else (tmp_path / "delta", lora_path)
+    base.load_adapter(str(first), adapter_name="first")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    modules_before = [type(m) for m in base.modules()]
+    with pytest.raises(ValueError, match="plain LoRA|Delta-LoRA") as error:
+        base.load_adapter(str(second), adapter_name="second")
+    assert "export_lora" in str(error.value) or "unload" in str(error.value)
+    assert [type(m) for m in base.modules()] == modules_before
+    after = base.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # the same through PEFT's own add_adapter
+    peft_model = PeftModel.from_pretrained(tiny_llama(), str(first))
+    other = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]) if order == "delta-first" else delta_config()
+    with pytest.raises(ValueError, match="different peft types"):  # PEFT's own check, before anything is created
+        peft_model.add_adapter("second", other)
+    assert "second" not in peft_model.peft_config
+
+
+def _loop(model, rows, optimizer, updater):
+    for row in rows:
+        loss = model(**default_collate([row])).loss
+        loss.backward()
+        optimizer.step()
+        updater.step()
+        optimizer.zero_grad()
+
+
+def test_a_custom_loop_resumed_in_a_new_process_anchors_at_the_same_step(tmp_path):
+    rows = lm_rows(6, seed=1)
+
+    def start():
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), delta_config())
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, optimizer
+
+    whole, opt = start()
+    _loop(whole, rows, opt, DeltaLoraUpdater(whole))
+
+    first, opt = start()
+    _loop(first, rows[:2], opt, DeltaLoraUpdater(first))  # 2 steps: not anchored yet (K=2)
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    resumed, opt = start()  # "a new process": a fresh model, optimizer and updater
+    checkpoint = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    _loop(resumed, rows[2:], opt, DeltaLoraUpdater(resumed))
+    assert_close(logits(resumed), logits(whole))
+    assert_close(logits(resumed), reference_logits(adapter_tensors(resumed)))
+
+
+def test_a_checkpoint_of_the_trainable_parameters_only_warns_and_names_what_is_missing(models):
+    model = fresh_copy(models, "inplace")
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    target = get_peft_model(tiny_llama(), delta_config())
+    with pytest.warns(UserWarning, match="lora_anchor_A.*lora_steps|anchors"):
+        target.load_state_dict(trainable, strict=False)
+
+
+def _saved(models, tmp_path, mode):
+    folder = tmp_path / f"saved-{mode}"
+    models[mode].save_pretrained(folder)
+    return folder, folder / "adapter_model.safetensors"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("damage", ["no-anchors", "no-flag", "nan-anchor"])
+def test_a_damaged_adapter_file_is_refused_at_load_naming_the_keys(models, mode, damage, tmp_path):
+    folder, file = _saved(models, tmp_path, mode)
+    tensors = load_file(file)
+    if damage == "no-anchors":
+        tensors = {k: v for k, v in tensors.items() if "lora_anchor_" not in k}
+    elif damage == "no-flag":
+        tensors = {k: v for k, v in tensors.items() if "lora_anchored" not in k}
+    else:
+        key = next(k for k in tensors if "lora_anchor_A" in k)
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match="lora_anchor|lora_anchored") as error:
+        PeftModel.from_pretrained(tiny_llama(), folder)
+    assert "q_proj" in str(error.value)
+
+
+def test_adapter_files_carry_the_step_count_and_k_means_the_adapters_own_steps(models, tmp_path):
+    folder, file = _saved(models, tmp_path, "inplace")
+    steps = {k: v for k, v in load_file(file).items() if ".lora_steps." in k}
+    assert steps and all(int(v) == 6 for v in steps.values())
+    assert json.loads((folder / "adapter_config.json").read_text())["start_step"] == 2
