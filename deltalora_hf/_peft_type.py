@@ -12,7 +12,8 @@ members). This module adds the member the way ``enum`` itself builds members, so
   itself: nothing of ours runs in such a process, so the saved file is the only place to say it;
 * adapters saved by deltalora-hf 0.2 (``"peft_type": "DELTALORA"``) still load (the old value is an alias);
 * running it again (a second import, ``importlib.reload``) changes nothing; and
-* if a future PEFT defines ``PeftType.DELTALORA`` itself, that member is used as is.
+* if a future PEFT defines ``PeftType.DELTALORA`` itself, that member is used as is, and the values saved by 0.2
+  and 0.3 stay aliases of it, so every adapter saved so far still loads.
 
 Everything here touches PEFT's private tables: it is kept in this one small module.
 """
@@ -77,7 +78,9 @@ def register(config_cls: type, model_cls: type) -> PeftType:
             f"PEFT already registers a method for {NAME} ({previous.__module__}); deltalora_hf replaces it.",
             stacklevel=2,
         )
-    keys = [peft_type, *(v for v in LEGACY_VALUES if v != peft_type.value)]  # the lookups are by the saved string
+    # the lookups are by the saved string: the member, this version's sentence and the earlier value, whichever of them
+    # the member's own value is (a PEFT that defines DELTALORA itself gives it another value than the sentence)
+    keys = [peft_type, *(v for v in dict.fromkeys((VALUE, *LEGACY_VALUES)) if v != peft_type.value)]
     for key in keys:
         PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
         PEFT_TYPE_TO_CONFIG_MAPPING[key] = config_cls

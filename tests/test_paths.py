@@ -197,3 +197,43 @@ def test_adapter_files_carry_the_step_count_and_k_means_the_adapters_own_steps(m
     steps = {k: v for k, v in load_file(file).items() if ".lora_steps." in k}
     assert steps and all(int(v) == 6 for v in steps.values())
     assert json.loads((folder / "adapter_config.json").read_text())["start_step"] == 2
+
+
+def test_saved_adapters_load_when_peft_defines_deltalora_itself(models, tmp_path):
+    """A future PEFT with its own ``PeftType.DELTALORA`` (simulated before the import): adapters saved with this
+    version's peft_type value still load, with the package imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import deltalora_hf
+
+    models["inplace"].save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["peft_type"]
+    assert saved.startswith("DELTALORA: pip install deltalora-hf")
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("pt", {str(Path(deltalora_hf.__file__).parent / "_peft_type.py")!r})
+pt = importlib.util.module_from_spec(spec); spec.loader.exec_module(pt)
+pt.ensure_peft_type_member("DELTALORA", "DELTALORA")  # what PEFT itself would define
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+import deltalora_hf
+from peft import PeftModel, PeftType
+from tests.helpers import tiny_llama
+assert PeftType.DELTALORA.value == "DELTALORA"
+model = PeftModel.from_pretrained(tiny_llama(), {str(tmp_path / "saved")!r})
+print(type(model.base_model).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("DeltaLoraModel")
+
+
+def test_peft_lora_target_guards_apply():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1, state_size=4))
+    with pytest.raises(ValueError, match="out_proj.*incompatible with Mamba"):
+        get_peft_model(mamba, delta_config(target_modules=["out_proj"]))
+    get_peft_model(mamba, delta_config(target_modules=["in_proj"]))  # a compatible target is fine
