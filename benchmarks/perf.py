@@ -110,10 +110,11 @@ def extra_state_bytes(variant: str, model: nn.Module, updater) -> int:
         return 0
     if variant == "naive":
         return updater.extra_bytes()
-    # the anchors (A_K, B_K) and, in place, the applied record (the factors and anchors whose move W holds)
-    return sum(
-        b.numel() * b.element_size() for n, b in model.named_buffers() if "lora_anchor" in n or "lora_applied" in n
-    )
+    # the anchors (A_K, B_K) and, in place, the records (copies of the factors whose move W holds; the anchors
+    # they refer to are the live ones, counted once)
+    anchors = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "lora_anchor" in n)
+    records = {id(t): t for m in model.modules() for r in getattr(m, "delta_records", {}).values() for t in (r.a, r.b)}
+    return anchors + sum(t.numel() * t.element_size() for t in records.values())
 
 
 # ----------------------------------------------------------------------------------------------- step time
@@ -194,7 +195,7 @@ def update_timings(dtype: torch.dtype, reps: int, device: torch.device, config_o
     model, updater = build("deltalora", 0, dtype, config_overrides=config_overrides)
     model.to(device)
     updater = deltalora_hf.DeltaLoraUpdater(model)  # cache on the device
-    layers = [(layer, "default", layer.delta_update_ratio["default"]) for layer in updater.layers()]
+    layers = [(layer, "default", layer.delta_settings["default"].update_ratio) for layer in updater.layers()]
     weights = [layer.get_base_layer().weight for layer, _, _ in layers]
     deltas = [torch.randn(w.shape, dtype=torch.float32, device=device).mul_(1e-4).to(dtype) for w in weights]
     generator = torch.Generator().manual_seed(0)

@@ -165,6 +165,30 @@ class DeltaLoraConfig(LoraConfig):
         write_model_card_section(Path(save_directory), self)
 
 
+@dataclass(frozen=True)
+class DeltaSettings:
+    """One adapter's Delta-LoRA settings, as a layer keeps them (from its ``DeltaLoraConfig``)."""
+
+    update_ratio: float
+    base_update: BaseUpdate
+    start_step: int
+    rounding: Rounding
+
+    @classmethod
+    def of(cls, config: DeltaLoraConfig) -> DeltaSettings:
+        return cls(float(config.update_ratio), config.base_update, int(config.start_step), config.base_update_rounding)
+
+    @property
+    def in_place(self) -> bool:
+        """The move lives in W (``"inplace"``, lambda != 0)."""
+        return self.base_update == "inplace" and self.update_ratio != 0.0
+
+    @property
+    def factored(self) -> bool:
+        """The move is added by the forward pass (``"factored"``, lambda != 0)."""
+        return self.base_update == "factored" and self.update_ratio != 0.0
+
+
 _CARD_START, _CARD_END = "<!-- deltalora-hf -->", "<!-- /deltalora-hf -->"
 
 

@@ -30,7 +30,7 @@ from .layer import DeltaLoraLayer
 def exported_factors(layer: DeltaLoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A_export, B_export)`` of one layer: rank ``2r``, same scale, relative to the original base."""
     a, b = (_distributed.unsharded(t) for t in layer.lora_factors(adapter_name))
-    ratio = layer.delta_update_ratio[adapter_name]
+    ratio = layer.delta_settings[adapter_name].update_ratio
     a_k, b_k, flag = (
         _distributed.unsharded(t)
         for t in (

@@ -57,7 +57,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.nn.modules.module import (
@@ -70,10 +70,32 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ._distributed import add_low_rank_, check_writable_in_place, full_values, is_partitioned
 from .functional import default_generator, delta_factors, low_rank_frobenius_sq
 
-if TYPE_CHECKING:
-    from .layer import DeltaLoraLayer
 
-RECORD_NAMES = ("lora_applied_A", "lora_applied_B")  # copies of the factors; the anchors: delta_applied_anchors
+class DeltaLayer(Protocol):
+    """What this module needs of a Delta-LoRA layer (``deltalora_hf.layer.DeltaLayer``, which imports this
+    module, never the other way round): its W, its adapters' tensors and settings, and the state kept here."""
+
+    delta_settings: dict[str, Any]  # adapter -> config.DeltaSettings
+    delta_records: dict[str, Record]  # adapter -> what W holds for it (in-place mode)
+    lora_anchor_A: Any
+    lora_anchor_B: Any
+    lora_anchored: Any
+    _anchored: dict[str, bool]
+    _delta_state: SyncState
+    weight_is_transposed: bool
+    merged_adapters: list[str]
+    _active_adapter: Any
+
+    def get_base_layer(self) -> torch.nn.Module: ...
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def lora_factor_slots(self, adapter_name: str) -> tuple[tuple[dict, str], ...]: ...
+    def move_scale(self, adapter_name: str) -> float: ...
+    def is_anchored(self, adapter_name: str) -> bool: ...
+    def applied_adapters(self, adapters: Iterable[str] | None = None) -> list[str]: ...
+    def copy_anchors(self, source: str, target: str) -> None: ...
+    def is_partitioned(self) -> bool: ...
+    def has_meta_tensors(self) -> bool: ...
+
 
 # Optimizer steps taken in this process. Fused optimizers (e.g. AdamW(fused=True), Trainer's "adamw_torch_fused")
 # write the parameters without bumping their version counters, so after any optimizer step the factors are read
@@ -165,7 +187,7 @@ class SyncState:
     def touch(self) -> None:
         self.dirty = True
 
-    def synced(self, layer: DeltaLoraLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
+    def synced(self, layer: DeltaLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
         self.dirty, self.has_work, self.steps, self.registrations = (
             False,
             has_work,
@@ -176,7 +198,7 @@ class SyncState:
         self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
         self.watched = tuple((params, key, params[key], version(params[key])) for params, key in slots)
 
-    def unchanged(self, layer: DeltaLoraLayer) -> bool:
+    def unchanged(self, layer: DeltaLayer) -> bool:
         if self.dirty:
             return False
         if not self.has_work:
@@ -204,7 +226,7 @@ class Move:
     W and the record stay. ``oriented``: U and V are already the left and right factors of W as stored.
     """
 
-    layer: DeltaLoraLayer
+    layer: DeltaLayer
     adapter: str
     u: torch.Tensor
     v: torch.Tensor
@@ -227,70 +249,91 @@ class SyncResult:
 # -- the record -------------------------------------------------------------------------------------------------
 
 
-def applied_record(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...] | None:
-    """``(A, B, A_K, B_K)`` whose move W holds for ``adapter``, or None: copies of the factors, and the anchors
-    themselves (the live tensors, or copies from the moment they were handed out: see ``snapshot_anchors``)."""
-    if adapter not in layer.lora_applied_A:
-        return None
-    return layer.lora_applied_A[adapter], layer.lora_applied_B[adapter], *layer.delta_applied_anchors[adapter]
+@dataclass
+class Record:
+    """What W holds for one in-place adapter: its move ``scale * (B A - B_K A_K)`` with these tensors.
+
+    ``a``, ``b``: private copies of the factors, which no write through ``.data`` reaches. ``a_k``, ``b_k``: the
+    adapter's live anchors, or copies of them from the moment the live ones were handed out (a ``state_dict``, a
+    load: ``snapshot_anchors``) until the next value sync. ``stamp``: the optimizer-step count and the identities and
+    versions of the adapter's live tensors when the record was taken (see ``unchanged``).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_k: torch.Tensor
+    b_k: torch.Tensor
+    scale: float
+    stamp: tuple
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.a, self.b, self.a_k, self.b_k
 
 
-def snapshot_anchors(layer: DeltaLoraLayer) -> None:
+def snapshot_anchors(layer: DeltaLayer) -> None:
     """Copy the anchors the records refer to, before their live tensors may be written behind the layer's back
     (a ``state_dict`` handed out, a load): the next value sync compares them and then refers to the live ones again.
     So the records cost one copy of the factors in the steady state, and the anchors are copied only meanwhile."""
-    for adapter, anchors in layer.delta_applied_anchors.items():
-        live = (layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter])
-        layer.delta_applied_anchors[adapter] = tuple(a.detach().clone() if a is b else a for a, b in zip(anchors, live))
+    for adapter, record in layer.delta_records.items():
+        if record.a_k is layer.lora_anchor_A[adapter]:
+            record.a_k = record.a_k.detach().clone()
+        if record.b_k is layer.lora_anchor_B[adapter]:
+            record.b_k = record.b_k.detach().clone()
 
 
-def current_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
+def current_tensors(layer: DeltaLayer, adapter: str) -> tuple[torch.Tensor, ...]:
     """``(A, B, A_K, B_K)`` now, whole: what the record becomes once W holds this adapter's move (read under
     ``torch.no_grad``; the record stores copies)."""
     a, b = full_values(*layer.lora_factors(adapter))
     return a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter]  # buffers: never partitioned
 
 
-def live_tensors(layer: DeltaLoraLayer, adapter: str) -> tuple[torch.Tensor, ...]:
+def live_tensors(layer: DeltaLayer, adapter: str) -> tuple[torch.Tensor, ...]:
     """The adapter's own ``(A, B, A_K, B_K, flag)`` tensors (not gathered), for stamps."""
     a, b = layer.lora_factors(adapter)
     return a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter], layer.lora_anchored[adapter]
 
 
-def set_record(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, ...] | None, scale: float) -> None:
-    """Store ``record`` as what W holds for ``adapter`` (the factors copied, the anchors referred to); None
-    removes it."""
-    stores = [getattr(layer, name) for name in RECORD_NAMES]
-    if record is None:
-        for store in stores:
-            if adapter in store:
-                del store[adapter]
-        for values in (layer.delta_applied_scale, layer.delta_applied_stamp, layer.delta_applied_anchors):
-            values.pop(adapter, None)
+def _stamp_now(layer: DeltaLayer, adapter: str) -> tuple:
+    return _optimizer_steps[0], adapter_stamp(live_tensors(layer, adapter))
+
+
+def set_record(layer: DeltaLayer, adapter: str, tensors: tuple[torch.Tensor, ...] | None, scale: float) -> None:
+    """Record that W holds ``adapter``'s move with ``tensors`` ``(A, B, A_K, B_K)`` at ``scale`` (the factors
+    copied, the anchors referred to); None: W holds nothing for it."""
+    if tensors is None:
+        layer.delta_records.pop(adapter, None)
         return
-    layer.delta_applied_anchors[adapter] = (record[2], record[3])
-    for store, value in zip(stores, record[:2]):
-        old = store[adapter] if adapter in store else None
-        if old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device:
-            if old is not value:
-                old.copy_(value)
+    old = layer.delta_records.get(adapter)
+    copies = []
+    for held, value in zip((old.a, old.b) if old is not None else (None, None), tensors[:2]):
+        if held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device):
+            if held is not value:
+                held.copy_(value)
+            copies.append(held)
         else:
-            store[adapter] = value.detach().clone()
-    layer.delta_applied_scale[adapter] = scale
-    layer.delta_applied_stamp[adapter] = (_optimizer_steps[0], adapter_stamp(live_tensors(layer, adapter)))
+            copies.append(value.detach().clone())
+    layer.delta_records[adapter] = Record(*copies, tensors[2], tensors[3], scale, _stamp_now(layer, adapter))
 
 
-def unchanged(layer: DeltaLoraLayer, adapter: str, parts: slice = slice(None)) -> bool:
+def mark_synced(layer: DeltaLayer) -> None:
+    """The layer is at its invariant now: its forward check compares with this moment (see ``SyncState``)."""
+    in_place = [a for a, settings in layer.delta_settings.items() if settings.in_place]
+    slots = [slot for a in in_place for slot in layer.lora_factor_slots(a)]
+    layer._delta_state.synced(layer, slots, bool(layer.delta_records or in_place))
+
+
+def unchanged(layer: DeltaLayer, adapter: str, parts: slice = slice(None)) -> bool:
     """Whether the adapter's live tensors (``parts`` of ``(A, B, A_K, B_K, flag)``) are the ones, unchanged, that
     its record was taken from: identities and version counters, no tensor read. The factors also count as changed
     after any optimizer step (fused optimizers do not bump version counters).
 
     Always False for partitioned factors: every rank must then take part in the same gathers.
     """
-    seen = layer.delta_applied_stamp.get(adapter)
-    if seen is None:
+    record = layer.delta_records.get(adapter)
+    if record is None:
         return False
-    steps, stamps = seen
+    steps, stamps = record.stamp
     live = live_tensors(layer, adapter)
     if is_partitioned(live[0]) or ((parts.start or 0) < 2 and steps != _optimizer_steps[0]):
         return False
@@ -305,15 +348,14 @@ def _move(layer, adapter, a, b, a_old, b_old, scale, record, incremental) -> Mov
     return Move(layer, adapter, u, v, scale, record, incremental, low_rank_frobenius_sq(u, v))
 
 
-def _removal(layer: DeltaLoraLayer, adapter: str, record: tuple[torch.Tensor, ...]) -> Move:
+def _removal(layer: DeltaLayer, adapter: str, record: Record) -> Move:
     """Take the recorded move out of W: ``W -= lambda s (B_p A_p - B_Kp A_Kp)``."""
-    scale = layer.delta_applied_scale[adapter]
-    return _move(layer, adapter, record[2], record[3], record[0], record[1], scale, None, incremental=False)
+    return _move(layer, adapter, record.a_k, record.b_k, record.a, record.b, record.scale, None, incremental=False)
 
 
 def plan(
-    layers: list[DeltaLoraLayer], applied: Iterable[str] | None, *, trust_stamps: bool
-) -> tuple[list[Move], list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]], list[DeltaLoraLayer]]:
+    layers: list[DeltaLayer], applied: Iterable[str] | None, *, trust_stamps: bool
+) -> tuple[list[Move], list[tuple[DeltaLayer, str, tuple[torch.Tensor, ...]]], list[DeltaLayer]]:
     """The moves that bring every layer's W to the invariant for its applied adapters.
 
     Returns the moves planned one by one (removals, whole moves), the incremental candidates ``(layer, adapter,
@@ -333,20 +375,20 @@ def plan(
         if state.dirty and layer.has_meta_tensors():
             continue  # created empty and not loaded yet (low_cpu_mem_usage): it stays dirty until it is
         visited.append(layer)
-        if not (layer.lora_applied_A or layer.has_inplace_adapters()):
+        if not (layer.delta_records or any(s.in_place for s in layer.delta_settings.values())):
             continue
         target = layer.applied_adapters() if applied is None else layer.applied_adapters(applied)
-        for adapter in dict.fromkeys([*layer.lora_applied_A.keys(), *target]):
-            record = applied_record(layer, adapter)
+        for adapter in dict.fromkeys([*layer.delta_records, *target]):
+            record = layer.delta_records.get(adapter)
             if adapter not in target:
                 if record is not None:
                     moves.append(_removal(layer, adapter, record))
                 continue
-            if record is not None and layer.delta_applied_scale[adapter] == layer.move_scale(adapter):
+            if record is not None and record.scale == layer.move_scale(adapter):
                 if trust and unchanged(layer, adapter):
                     continue
                 now = current_tensors(layer, adapter)
-                refers = record[2] is now[2] and record[3] is now[3]  # the record refers to the live anchors
+                refers = record.a_k is now[2] and record.b_k is now[3]  # the record refers to the live anchors
                 if refers or (trust and unchanged(layer, adapter, slice(2, None))):
                     incremental.append((layer, adapter, now))
                 else:
@@ -355,9 +397,9 @@ def plan(
             moves += _replacement(layer, adapter, record)
     if to_compare:
         differ = [
-            (record[2] != now[2]).any() | (record[3] != now[3]).any()
-            if record[2].shape == now[2].shape and record[3].shape == now[3].shape
-            else torch.ones((), dtype=torch.bool, device=record[2].device)
+            (record.a_k != now[2]).any() | (record.b_k != now[3]).any()
+            if record.a_k.shape == now[2].shape and record.b_k.shape == now[3].shape
+            else torch.ones((), dtype=torch.bool, device=record.a_k.device)
             for _, _, record, now in to_compare
         ]
         for (layer, adapter, record, now), moved in zip(to_compare, _read_flags(differ)):
@@ -382,7 +424,7 @@ def _read_flags(tensors: list[torch.Tensor]) -> list[bool]:
 
 
 def _group_incremental(
-    candidates: list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]],
+    candidates: list[tuple[DeltaLayer, str, tuple[torch.Tensor, ...]]],
 ) -> tuple[list[Move], list[torch.Tensor]]:
     """Incremental moves for many layers at once: ``U = [B' - B_p, B_p]``, ``V = [A'; A' - A_p]`` per layer.
 
@@ -390,17 +432,17 @@ def _group_incremental(
     a whole group take a fixed number of batched ops; each move's U and V are views into its group's tensors
     (already transposed where W is stored transposed). Returns the moves and one tensor of squares per group.
     """
-    groups: dict[tuple, list[tuple[DeltaLoraLayer, str, tuple[torch.Tensor, ...]]]] = {}
+    groups: dict[tuple, list[tuple[DeltaLayer, str, tuple[torch.Tensor, ...]]]] = {}
     for item in candidates:
         layer, a, b = item[0], item[2][0], item[2][1]
         groups.setdefault((a.shape, b.shape, a.dtype, b.dtype, a.device, layer.weight_is_transposed), []).append(item)
     moves, squares = [], []
     for (*_, transposed), items in groups.items():
-        records = [applied_record(layer, adapter) for layer, adapter, _ in items]
+        records = [layer.delta_records[adapter] for layer, adapter, _ in items]
         a_new = torch.stack([now[0] for _, _, now in items])
         b_new = torch.stack([now[1] for _, _, now in items])
-        a_old = torch.stack([r[0] for r in records])
-        b_old = torch.stack([r[1] for r in records])
+        a_old = torch.stack([r.a for r in records])
+        b_old = torch.stack([r.b for r in records])
         u = torch.cat([b_new - b_old, b_old], dim=2)  # G x d x 2r
         v = torch.cat([a_new, a_new - a_old], dim=1)  # G x 2r x k
         u32, v32 = (u, v) if u.dtype in (torch.float32, torch.float64) else (u.float(), v.float())
@@ -409,8 +451,8 @@ def _group_incremental(
         # the record's new factors are views of the stacks (torch._foreach_copy_ from a parameter would make the
         # record require grad, even under no_grad)
         views = zip(left.unbind(0), right.unbind(0), a_new.unbind(0), b_new.unbind(0))
-        for (layer, adapter, now), (left_i, right_i, a_i, b_i) in zip(items, views):
-            scale = layer.delta_applied_scale[adapter]
+        for (layer, adapter, now), record, (left_i, right_i, a_i, b_i) in zip(items, records, views):
+            scale = record.scale
             moves.append(Move(layer, adapter, left_i, right_i, scale, (a_i, b_i, *now[2:]), True, None, oriented=True))
     return moves, squares
 
@@ -440,7 +482,7 @@ def _apply(move: Move, square: float, generator: torch.Generator | None) -> bool
             move.v,
             move.alpha,
             transposed=layer.weight_is_transposed and not move.oriented,
-            rounding=layer.delta_rounding[move.adapter],
+            rounding=layer.delta_settings[move.adapter].rounding,
             generator=generator if generator is not None else default_generator(weight.device),
         )
     if not move.incremental:  # incremental records are copied for all layers at once (sync_layers)
@@ -465,19 +507,18 @@ def _copy_records(moves: list[Move]) -> None:
     """Records of the written incremental moves: the factors are copied with one grouped op per dtype/device."""
     by_kind: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for m in moves:
-        for name, value in zip(RECORD_NAMES[:2], m.record[:2]):
-            store = getattr(m.layer, name)[m.adapter]
-            dst, src = by_kind.setdefault((store.dtype, store.device), ([], []))
-            dst.append(store)
+        record = m.layer.delta_records[m.adapter]
+        for held, value in zip((record.a, record.b), m.record[:2]):
+            dst, src = by_kind.setdefault((held.dtype, held.device), ([], []))
+            dst.append(held)
             src.append(value)
-        live = live_tensors(m.layer, m.adapter)
-        m.layer.delta_applied_anchors[m.adapter] = live[2:4]  # equal to the recorded ones: refer to them again
-        m.layer.delta_applied_stamp[m.adapter] = (_optimizer_steps[0], adapter_stamp(live))
+        record.a_k, record.b_k = m.layer.lora_anchor_A[m.adapter], m.layer.lora_anchor_B[m.adapter]  # equal: refer
+        record.stamp = _stamp_now(m.layer, m.adapter)
     for dst, src in by_kind.values():
         torch._foreach_copy_(dst, src)
 
 
-def refresh_flags(layers: list[DeltaLoraLayer]) -> None:
+def refresh_flags(layers: list[DeltaLayer]) -> None:
     """Read every anchored flag by value (one host sync per device): a ``.data`` write may have changed one."""
     flags = [
         (layer, adapter, flag)
@@ -490,7 +531,7 @@ def refresh_flags(layers: list[DeltaLoraLayer]) -> None:
         layer._anchored[adapter] = value != 0.0
 
 
-def adopt_copied_anchors(layers: list[DeltaLoraLayer]) -> None:
+def adopt_copied_anchors(layers: list[DeltaLayer]) -> None:
     """Give an adapter copied parameter by parameter from an anchored one the anchors and flag it lacks.
 
     TRL builds the reference of DPO, KTO, GRPO and RLOO by adding an adapter and copying every parameter of
@@ -500,9 +541,9 @@ def adopt_copied_anchors(layers: list[DeltaLoraLayer]) -> None:
     """
     pairs, same = [], []
     for layer in layers:
-        ratios = layer.delta_update_ratio
-        anchored = [a for a in ratios if ratios[a] != 0.0 and layer.is_anchored(a)]
-        fresh = [a for a in ratios if ratios[a] != 0.0 and not layer.is_anchored(a)]
+        moving = [a for a, settings in layer.delta_settings.items() if settings.update_ratio != 0.0]
+        anchored = [a for a in moving if layer.is_anchored(a)]
+        fresh = [a for a in moving if not layer.is_anchored(a)]
         if not anchored or not fresh or layer.is_partitioned() or layer.has_meta_tensors():
             continue
         for copy in fresh:
@@ -518,9 +559,9 @@ def adopt_copied_anchors(layers: list[DeltaLoraLayer]) -> None:
 
 
 def sync_layers(
-    layers: Iterable[DeltaLoraLayer],
+    layers: Iterable[DeltaLayer],
     *,
-    generator_for: Callable[[DeltaLoraLayer], torch.Generator | None] = lambda _: None,
+    generator_for: Callable[[DeltaLayer], torch.Generator | None] = lambda _: None,
     applied: Iterable[str] | None = None,
     trust_stamps: bool = False,
 ) -> SyncResult:
@@ -544,7 +585,7 @@ def sync_layers(
         wrote = [_apply(m, sq, generator_for(m.layer)) for m, sq in zip(moves, squares)]
         _copy_records([m for m, w in zip(moves, wrote) if w and m.incremental])
     for layer in visited:
-        layer._mark_synced()
+        mark_synced(layer)
     return SyncResult(
         written=[m for m, w in zip(moves, wrote) if w],
         norm_sq=sum(sq for sq, w in zip(squares, wrote) if w),

@@ -22,15 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import functional, invariant
 from ._distributed import check_writable_in_place, gathered, is_partitioned, used_in_forward
-from .config import BaseUpdate
-from .functional import Rounding, delta_factors, scale_grad
+from .config import DeltaSettings
+from .functional import delta_factors, scale_grad
 
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.Embedding)
 
@@ -141,14 +140,8 @@ class DeltaLoraLayer:
         "lora_anchor_B",
         "lora_anchored",
         "lora_steps",
-        *invariant.RECORD_NAMES,
-        "delta_update_ratio",
-        "delta_base_update",
-        "delta_start_step",
-        "delta_rounding",
-        "delta_applied_scale",
-        "delta_applied_stamp",
-        "delta_applied_anchors",
+        "delta_settings",
+        "delta_records",
         "_anchored",
     )
 
@@ -173,15 +166,8 @@ class DeltaLoraLayer:
         self.lora_anchored = AnchorDict()
         self.lora_steps = AnchorDict()  # the adapter's own optimizer steps (int64), saved: K is counted in them
         self.lora_inplace_move = InplaceMarks()
-        for name in invariant.RECORD_NAMES:
-            setattr(self, name, BufferDict(persistent=False))
-        self.delta_update_ratio: dict[str, float] = {}
-        self.delta_base_update: dict[str, BaseUpdate] = {}
-        self.delta_start_step: dict[str, int] = {}
-        self.delta_rounding: dict[str, Rounding] = {}
-        self.delta_applied_scale: dict[str, float] = {}
-        self.delta_applied_stamp: dict[str, tuple] = {}
-        self.delta_applied_anchors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see invariant.applied_record
+        self.delta_settings: dict[str, DeltaSettings] = {}
+        self.delta_records: dict[str, invariant.Record] = {}  # in-place mode: what W holds, per adapter (not saved)
         self._anchored: dict[str, bool] = {}  # the flags' values, read only when they may have changed
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
         self._delta_warned = False
@@ -196,17 +182,14 @@ class DeltaLoraLayer:
         if not hasattr(config, "update_ratio"):  # PEFT's LoraModel adding a plain LoRA adapter to this layer
             raise ValueError(
                 f"Cannot add the plain LoRA adapter '{adapter_name}' ({type(config).__name__}) to a layer that holds "
-                f"the Delta-LoRA adapter(s) {', '.join(self.delta_base_update)}: one layer holds adapters of one PEFT "
+                f"the Delta-LoRA adapter(s) {', '.join(self.delta_settings)}: one layer holds adapters of one PEFT "
                 "type. Nothing was added to this layer. Export the Delta-LoRA adapter as a plain LoRA with "
                 "deltalora_hf.export_lora(model, path) and load both as LoRA, or load the LoRA adapter into a model "
                 "without Delta-LoRA adapters (model.unload() gives the original base)."
             )
         self._init_delta_state()
         super().update_layer(adapter_name, *args, **kwargs)
-        self.delta_update_ratio[adapter_name] = float(config.update_ratio)
-        self.delta_base_update[adapter_name] = config.base_update
-        self.delta_start_step[adapter_name] = int(config.start_step)
-        self.delta_rounding[adapter_name] = config.base_update_rounding
+        self.delta_settings[adapter_name] = DeltaSettings.of(config)
         a, b = self.lora_factors(adapter_name)
         # On W's device even when the factors are created on "meta" (low_cpu_mem_usage), then filled by the load.
         device = self.get_base_layer().weight.device
@@ -218,12 +201,14 @@ class DeltaLoraLayer:
         self._delta_state.touch()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): new tensors everywhere
-        anchors = self.__dict__.get("delta_applied_anchors", {})
-        live = {a: (self.lora_anchor_A[a], self.lora_anchor_B[a]) for a in anchors}
+        records = self.__dict__.get("delta_records", {})
+        refers = {a: (r.a_k is self.lora_anchor_A[a], r.b_k is self.lora_anchor_B[a]) for a, r in records.items()}
         result = super()._apply(fn, recurse)
-        for adapter, recorded in anchors.items():  # the records' anchors follow: the new live ones, or converted copies
-            new = (self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
-            anchors[adapter] = tuple(n if r is o else fn(r) for r, o, n in zip(recorded, live[adapter], new))
+        for adapter, record in records.items():  # the records follow: the new live anchors, or converted copies
+            a_live, b_live = refers[adapter]
+            record.a, record.b = fn(record.a), fn(record.b)
+            record.a_k = self.lora_anchor_A[adapter] if a_live else fn(record.a_k)
+            record.b_k = self.lora_anchor_B[adapter] if b_live else fn(record.b_k)
         self._delta_state.touch()
         return result
 
@@ -259,7 +244,7 @@ class DeltaLoraLayer:
 
     def set_anchor(self, adapter_name: str) -> None:
         """Record ``(A_K, B_K)``: the adapter's current factors, from which W starts to move (move = 0 now)."""
-        if self._moves_w(adapter_name):
+        if self.delta_settings[adapter_name].in_place:
             check_writable_in_place(self.get_base_layer().weight, f"a layer of adapter '{adapter_name}'")
         with torch.no_grad(), gathered(*self.lora_factors(adapter_name)) as (a, b):
             for store, value in ((self.lora_anchor_A, a), (self.lora_anchor_B, b)):  # buffers: never partitioned
@@ -283,26 +268,22 @@ class DeltaLoraLayer:
 
     def move_scale(self, adapter_name: str) -> float:
         """``lambda * s``: the factor of ``B A - B_K A_K`` in the change of W."""
-        return self.delta_update_ratio[adapter_name] * self.scaling[adapter_name]
+        return self.delta_settings[adapter_name].update_ratio * self.scaling[adapter_name]
 
-    def _moves_w(self, adapter: str) -> bool:
-        """Whether this adapter's move lives in W (in-place mode, lambda != 0)."""
-        return self.delta_base_update.get(adapter) == "inplace" and self.delta_update_ratio.get(adapter, 0.0) != 0.0
-
-    def _factored(self, adapter: str) -> bool:
-        return self.delta_base_update.get(adapter) == "factored" and self.delta_update_ratio.get(adapter, 0.0) != 0.0
-
-    def has_inplace_adapters(self) -> bool:
-        return any(self._moves_w(a) for a in self.delta_base_update)
+    def has_moved(self, adapter_name: str) -> bool:
+        """THE predicate: whether this adapter's W has moved (lambda != 0 and anchored), in either mode, so that the
+        adapter is more than LoRA's ``s B A``."""
+        settings = self.delta_settings.get(adapter_name)
+        return settings is not None and settings.update_ratio != 0.0 and self.is_anchored(adapter_name)
 
     def is_partitioned(self) -> bool:
         """Whether W or a factor is split across ranks (ZeRO-3, FSDP2)."""
-        factors = (t for a in self.delta_base_update for t in self.lora_factors(a))
+        factors = (t for a in self.delta_settings for t in self.lora_factors(a))
         return is_partitioned(self.get_base_layer().weight) or any(is_partitioned(t) for t in factors)
 
     def has_meta_tensors(self) -> bool:
         """Whether some adapter tensor is still on "meta" (created empty, e.g. low_cpu_mem_usage, not loaded yet)."""
-        return any(t.is_meta for a in self.delta_base_update for t in invariant.live_tensors(self, a))
+        return any(t.is_meta for a in self.delta_settings for t in invariant.live_tensors(self, a))
 
     # -- the invariant (see deltalora_hf.invariant) -------------------------------------------------------------
 
@@ -311,7 +292,8 @@ class DeltaLoraLayer:
         anchored in-place adapters with lambda != 0."""
         if adapters is None:
             adapters = self.merged_adapters if self.merged else self.active_adapters
-        return [a for a in adapters if self._moves_w(a) and self.is_anchored(a)]
+        settings = self.delta_settings
+        return [a for a in adapters if a in settings and settings[a].in_place and self.has_moved(a)]
 
     def sync_base_weight(
         self, *, applied: Iterable[str] | None = None, generator: torch.Generator | None = None
@@ -319,12 +301,6 @@ class DeltaLoraLayer:
         """Bring W to the invariant by value (for ``applied`` adapters, default: applied_adapters()); return the
         number of W writes."""
         return len(invariant.sync_layers([self], generator_for=lambda _: generator, applied=applied).written)
-
-    def _watched_slots(self) -> list[tuple[dict, str]]:
-        return [slot for a in self.delta_base_update if self._moves_w(a) for slot in self.lora_factor_slots(a)]
-
-    def _mark_synced(self) -> None:
-        self._delta_state.synced(self, self._watched_slots(), bool(self.lora_applied_A) or self.has_inplace_adapters())
 
     def _ensure_synced(self) -> None:
         """The forward's check: O(1) unless something changed (see ``SyncState``)."""
@@ -362,9 +338,10 @@ class DeltaLoraLayer:
     def _add_inplace_marks(module: DeltaLoraLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         """An in-place layer's state dict says what its W holds: ``lora_inplace_move.<adapter>`` is the scale at
         which W holds that adapter's move (0: none). Factored layers write no such key (W is the original base)."""
-        for adapter in module.delta_base_update:
-            if module._moves_w(adapter):
-                scale = module.delta_applied_scale.get(adapter, 0.0)
+        for adapter, settings in module.delta_settings.items():
+            if settings.in_place:
+                record = module.delta_records.get(adapter)
+                scale = 0.0 if record is None else record.scale
                 state_dict[f"{prefix}lora_inplace_move.{adapter}"] = torch.tensor(scale, dtype=torch.float64)
 
     @staticmethod
@@ -389,12 +366,11 @@ class DeltaLoraLayer:
         if holds is not None and holds != "unchanged":  # W was replaced: record what the loaded W holds
             with torch.no_grad():
                 invariant.refresh_flags([module])
-                for adapter in list(module.lora_applied_A.keys()):
-                    invariant.set_record(module, adapter, None, 0.0)
+                module.delta_records.clear()
                 if holds == "legacy":
                     holds = {adapter: module.move_scale(adapter) for adapter in module.applied_adapters()}
                 for adapter, scale in holds.items():
-                    if scale != 0.0 and adapter in module.delta_base_update:
+                    if scale != 0.0 and adapter in module.delta_settings:
                         invariant.set_record(module, adapter, invariant.current_tensors(module, adapter), scale)
         module.sync_base_weight()
 
@@ -413,7 +389,7 @@ class DeltaLoraLayer:
         if names:
             self.sync_base_weight(applied=self.applied_adapters([*self.merged_adapters, *names]))
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        self._mark_synced()
+        invariant.mark_synced(self)
 
     def unmerge(self) -> None:
         super().unmerge()
@@ -422,7 +398,7 @@ class DeltaLoraLayer:
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """PEFT's check before ``convert_to_lora``/``save_as_lora``: False for an in-place adapter whose W has moved,
         whose trained model is not ``W + get_delta_weight`` on the original base (use ``export_lora``)."""
-        if self._moves_w(adapter_name) and self.is_anchored(adapter_name):
+        if self.delta_settings[adapter_name].in_place and self.has_moved(adapter_name):
             warnings.warn(
                 f"Delta-LoRA: adapter '{adapter_name}' (base_update='inplace') has moved W, so PEFT's LoRA conversion "
                 "would miss the move. Use deltalora_hf.export_lora(model, path), which writes the trained model as "
@@ -435,7 +411,7 @@ class DeltaLoraLayer:
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """LoRA's ``s B A``, plus the telescoped W move in factored mode (so merging gives the trained model)."""
         delta = super().get_delta_weight(adapter)
-        if not self._factored(adapter) or not self.is_anchored(adapter):
+        if not self.delta_settings[adapter].factored or not self.has_moved(adapter):
             return delta
         a, b = self.lora_factors(adapter)
         u, v = delta_factors(a, b, self.lora_anchor_A[adapter], self.lora_anchor_B[adapter])
@@ -448,20 +424,18 @@ class DeltaLoraLayer:
         """A copy of W without the moves it holds: the original base weight (up to rounding in bf16/fp16)."""
         with torch.no_grad():
             weight = self.get_base_layer().weight.detach().clone()
-            for adapter in self.lora_applied_A.keys():
-                a, b, a_k, b_k = invariant.applied_record(self, adapter)
-                u, v = delta_factors(a, b, a_k, b_k)
-                scale = self.delta_applied_scale[adapter]
-                functional.add_low_rank_(weight, u, v, -scale, transposed=self.weight_is_transposed, rounding="nearest")
+            for record in self.delta_records.values():
+                u, v = delta_factors(*record.tensors())
+                transposed = self.weight_is_transposed
+                functional.add_low_rank_(weight, u, v, -record.scale, transposed=transposed, rounding="nearest")
         return weight
 
     def _applied_output(self, x: torch.Tensor) -> torch.Tensor | float:
         """``sum over records of lambda s (B_p A_p - B_Kp A_Kp) x``: what the in-place moves add to W x."""
         out: torch.Tensor | float = 0.0
-        for adapter in self.lora_applied_A.keys():
-            a, b, a_k, b_k = invariant.applied_record(self, adapter)
-            scale = self.delta_applied_scale[adapter]
-            out = out + scale * (self._factor_path(x, a, b) - self._factor_path(x, a_k, b_k))
+        for record in self.delta_records.values():
+            paths = self._factor_path(x, record.a, record.b) - self._factor_path(x, record.a_k, record.b_k)
+            out = out + record.scale * paths
         return out
 
     def _lora_path(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
@@ -473,7 +447,7 @@ class DeltaLoraLayer:
         a, b = used_in_forward(self, *self.lora_factors(adapter))
         stores = (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored)  # buffers: whole on every rank
         a_k, b_k, flag = (_as(store[adapter], a.dtype) for store in stores)
-        s, ratio = self.scaling[adapter], self.delta_update_ratio[adapter]
+        s, ratio = self.scaling[adapter], self.delta_settings[adapter].update_ratio
         grow = 1.0 + ratio * flag.reshape(())
         a_cat = torch.cat([scale_grad(a, 1.0 / grow), a_k], dim=0)
         b_cat = torch.cat([scale_grad(b, 1.0 / grow) * (s * grow), (-ratio * s) * b_k], dim=1)
@@ -489,14 +463,14 @@ class DeltaLoraLayer:
         built from the live tensors on every call (two small concatenations): nothing is cached, so no write of
         any kind (``.data`` included) can leave the forward behind.
         """
-        if not self._factored(adapter):
+        if not self.delta_settings[adapter].factored:
             return self.scaling[adapter] * self._lora_path(adapter, x)
         return self._factor_path(x, *self._factored_factors(adapter))
 
     def _warn_if_not_driven(self) -> None:
         if self.delta_driven or self._delta_warned or not self.training or not torch.is_grad_enabled():
             return
-        if any(self.delta_update_ratio.get(a, 0.0) != 0.0 for a in self.active_adapters):
+        if any(a in self.delta_settings and self.delta_settings[a].update_ratio != 0.0 for a in self.active_adapters):
             self._delta_warned = True
             warnings.warn(
                 "A Delta-LoRA model is training, but no DeltaLoRACallback (Trainer) or DeltaLoraUpdater (custom "
@@ -511,7 +485,7 @@ class DeltaLoraLayer:
             self._ensure_synced()
             self._warn_if_not_driven()
         if kwargs.get("adapter_names") is not None:
-            moved = [a for a in self.delta_base_update if self.delta_update_ratio[a] != 0 and self.is_anchored(a)]
+            moved = [a for a in self.delta_settings if self.has_moved(a)]
             if moved:
                 raise ValueError(
                     "adapter_names (mixed-batch inference) is not supported with Delta-LoRA adapters whose W has "
@@ -520,13 +494,13 @@ class DeltaLoraLayer:
             return super().forward(x, *args, **kwargs)
         if self.disable_adapters:
             result = super().forward(x, *args, **kwargs)  # W x: take the applied moves out to get the ORIGINAL base
-            return result - self._applied_output(x).to(result.dtype) if len(self.lora_applied_A) else result
+            return result - self._applied_output(x).to(result.dtype) if self.delta_records else result
         if self.merged:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for adapter in self.active_adapters:
-            if adapter in self.delta_base_update:
+            if adapter in self.delta_settings:
                 out = self._adapter_output(adapter, x)
                 result = result + (out if out.dtype == dtype else out.to(dtype))
         return result
@@ -597,7 +571,7 @@ def _what_loaded_w_holds(
 
 def _warn_if_partial(layer: DeltaLoraLayer, state_dict: dict, prefix: str) -> None:
     """Warn when a state dict brings an adapter's factors without its anchors, flag or step count."""
-    for adapter in layer.delta_base_update:
+    for adapter in layer.delta_settings:
         factor = f"{prefix}{layer.lora_factor_keys(adapter)[0]}"
         if factor not in state_dict:
             continue

@@ -188,7 +188,7 @@ class DeltaLoraModel(LoraModel):
         state_dict = {k: v for k, v in state_dict.items() if ".lora_inplace_move." not in k}  # W is not saved
         for name, layer in model.named_modules():
             key = f"{name}.base_layer.weight"
-            if isinstance(layer, Embedding) and key in state_dict and layer.lora_applied_A:
+            if isinstance(layer, Embedding) and key in state_dict and layer.delta_records:
                 state_dict[key] = layer.original_base_weight()
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
@@ -219,7 +219,7 @@ class DeltaLoraModel(LoraModel):
         """
         layers = delta_lora_layers(self.model)
         invariant.refresh_flags(layers)
-        moved = sorted({a for layer in layers for a in adapters if a in layer.delta_update_ratio and _moved(layer, a)})
+        moved = sorted({a for layer in layers for a in adapters if layer.has_moved(a)})
         if moved:
             raise ValueError(
                 f"add_weighted_adapter cannot combine the Delta-LoRA adapter(s) {', '.join(moved)}: their W has moved "
@@ -244,10 +244,6 @@ class DeltaLoraModel(LoraModel):
                 layer.unmerge()
             layer.sync_base_weight(applied=[])
         return super().unload()
-
-
-def _moved(layer: DeltaLoraLayer, adapter: str) -> bool:
-    return layer.delta_update_ratio[adapter] != 0.0 and layer.is_anchored(adapter)
 
 
 def _other_type_message(key: str, module: nn.Module) -> str:
@@ -326,10 +322,10 @@ def remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
     For a failed load, so that the model (or the user's base, for ``PeftModel.from_pretrained``) is as before.
     """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, DeltaLoraLayer) or adapter_name not in module.delta_update_ratio:
+        if not isinstance(module, DeltaLoraLayer) or adapter_name not in module.delta_settings:
             continue
         module.delete_adapter(adapter_name)
-        if not module.delta_update_ratio:
+        if not module.delta_settings:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())

@@ -73,7 +73,8 @@ def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLa
     """``(layer, adapter)`` for every active Delta-LoRA adapter with lambda != 0 (the ones whose W moves)."""
     for layer in layers:
         for adapter in layer.active_adapters:
-            if layer.delta_update_ratio.get(adapter, 0.0) != 0.0:
+            settings = layer.delta_settings.get(adapter)
+            if settings is not None and settings.update_ratio != 0.0:
                 yield layer, adapter
 
 
@@ -108,7 +109,7 @@ class DeltaLoraUpdater:
         self._layers_key: tuple | None = None
         for layer in find_delta_lora_layers(model):
             layer.delta_driven = True  # silences the "training without an updater" warning
-            if any(layer._moves_w(a) for a in layer.active_adapters):
+            if any(a in layer.delta_settings and layer.delta_settings[a].in_place for a in layer.active_adapters):
                 # refuse before any step, not at step K + 1
                 check_writable_in_place(layer.get_base_layer().weight, f"layer {type(layer).__name__}")
 
@@ -154,12 +155,12 @@ class DeltaLoraUpdater:
         if pending:  # one host sync, and only until every adapter is anchored
             counts = read_scalars([layer.lora_steps[adapter].reshape(1).float() for layer, adapter in pending])
             for (layer, adapter), count in zip(pending, counts):
-                if count > layer.delta_start_step[adapter]:
+                if count > layer.delta_settings[adapter].start_step:
                     layer.set_anchor(adapter)
         # in place: W += lambda s (B'A' - BA); factors whose version counters did not change are not read
         result = sync_layers(layers, generator_for=self._generator, trust_stamps=True)
         self.moves_in_run += bool(anchored_before)
-        factored_moved = sum(layer._factored(adapter) for layer, adapter in anchored_before)
+        factored_moved = sum(layer.delta_settings[adapter].factored for layer, adapter in anchored_before)
         self.last = UpdateStats(
             step=t,
             layers_moved=len({id(m.layer) for m in result.written}) + factored_moved,
@@ -186,7 +187,7 @@ class DeltaLoraUpdater:
 
     def start_steps(self) -> list[int]:
         """The start steps of the active adapters whose W moves (lambda > 0)."""
-        return sorted({layer.delta_start_step[a] for layer, a in _moving_adapters(self.layers())})
+        return sorted({layer.delta_settings[a].start_step for layer, a in _moving_adapters(self.layers())})
 
     def _generator(self, layer: DeltaLoraLayer) -> torch.Generator:
         device = layer.get_base_layer().weight.device

@@ -101,9 +101,7 @@ def _plain_lora(tmp_path):
 
 
 @pytest.mark.parametrize("order", ["lora-first", "delta-first"])
-def test_delta_lora_and_plain_lora_on_the_same_layers_are_refused_before_anything_is_created(
-    models, order, tmp_path
-):
+def test_delta_lora_and_plain_lora_on_the_same_layers_are_refused_before_anything_is_created(models, order, tmp_path):
     lora_path = _plain_lora(tmp_path)
     models["inplace"].save_pretrained(tmp_path / "delta")
     base = tiny_llama()
