@@ -39,12 +39,26 @@ reads, saves or changes the model compares by VALUE: ``state_dict`` (a saved mod
 (which PEFT's hotswap makes) also mark the layer for a value check at its next forward, since whoever holds those
 tensors may write them through ``.data``. Writing W itself is not supported: W is derived state.
 
+Where the state lives
+---------------------
+Modules import one way: ``layer`` -> ``persistence`` -> ``invariant`` -> ``functional``/``_distributed``; this
+module knows a layer only through the ``DeltaLayer`` protocol below. Per adapter a layer keeps its saved tensors
+(factors, anchors, flag, step count), its ``DeltaSettings`` and, in place, one ``Record``; the layer keeps one
+``SyncState``. Factored mode keeps nothing derived: its forward reads the live tensors on every call, so no write
+of any kind can leave it behind. The derived state has ONE rule: every event that counters cannot see (a load, a
+``state_dict`` handed out, a changed scaling, ``.to()``, new anchors, ``set_adapter``) marks the layer dirty, and
+a dirty layer is compared by value at its next forward or entry point; records are only trusted by identity and
+version counter when the layer is clean. The two process-wide counters (optimizer steps: fused optimizers do not
+bump version counters; module/parameter/buffer registrations: a replaced factor or anchor) are installed when the
+first Delta-LoRA layer is created (``install_hooks``), never at import, and cost one integer increment each.
+
 Cost
 ----
 * The update after an optimizer step (``DeltaLoraUpdater``) plans every layer at once: the
   changed records are grouped by shape, the rank-2r factors and their norms come from a handful of batched ops per
   group, all norms are read with ONE host sync, and each W gets one fused ``addmm_``. A step that changed no factor
-  (their version counters say so) launches nothing. Factored mode never writes W.
+  (their version counters say so) launches nothing. Factored mode never writes W, and its forward builds the
+  rank-2r factors from the live tensors on every call (two small concatenations per layer; nothing cached).
 * In eager mode each layer's forward runs ``_ensure_synced``: a flag, the
   active adapters, and the identity and version counter of its in-place factors (a few pointer and integer
   comparisons, no tensor read); a value sync only when one of them changed. Under ``torch.compile`` the check is
@@ -84,11 +98,15 @@ class DeltaLayer(Protocol):
     _delta_state: SyncState
     weight_is_transposed: bool
     merged_adapters: list[str]
+    adapter_layer_names: tuple[str, ...]
     _active_adapter: Any
 
     def get_base_layer(self) -> torch.nn.Module: ...
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]: ...
     def lora_factor_slots(self, adapter_name: str) -> tuple[tuple[dict, str], ...]: ...
+    def lora_factor_keys(self, adapter_name: str) -> tuple[str, str]: ...
+    def sync_base_weight(self, *, applied: Iterable[str] | None = None) -> int: ...
+    def match_anchor_dtypes(self, adapter: str) -> None: ...
     def move_scale(self, adapter_name: str) -> float: ...
     def is_anchored(self, adapter_name: str) -> bool: ...
     def applied_adapters(self, adapters: Iterable[str] | None = None) -> list[str]: ...

@@ -26,7 +26,7 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import functional, invariant
+from . import functional, invariant, persistence
 from ._distributed import check_writable_in_place, gathered, is_partitioned, used_in_forward
 from .config import DeltaSettings
 from .functional import delta_factors, scale_grad
@@ -74,13 +74,6 @@ class AnchorDict(nn.Module):
 
     def items(self) -> list[tuple[str, torch.Tensor]]:
         return [(k, m.weight) for k, m in self._modules.items()]
-
-
-class InplaceMarks(nn.Module):
-    """Holds no tensor: it names the state-dict keys ``lora_inplace_move.<adapter>`` that an in-place layer adds to
-    every state dict it gives (the scale at which the W of that state dict holds the adapter's move; see
-    ``DeltaLoraLayer._add_inplace_marks``). Registered as a child so that PEFT counts the keys as the adapter's
-    (``get_base_model_state_dict`` leaves them out) while a load of any state dict finds them."""
 
 
 class ScalingDict(dict):
@@ -165,17 +158,17 @@ class DeltaLoraLayer:
         self.lora_anchor_B = AnchorDict()
         self.lora_anchored = AnchorDict()
         self.lora_steps = AnchorDict()  # the adapter's own optimizer steps (int64), saved: K is counted in them
-        self.lora_inplace_move = InplaceMarks()
+        self.lora_inplace_move = persistence.InplaceMarks()
         self.delta_settings: dict[str, DeltaSettings] = {}
         self.delta_records: dict[str, invariant.Record] = {}  # in-place mode: what W holds, per adapter (not saved)
         self._anchored: dict[str, bool] = {}  # the flags' values, read only when they may have changed
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
         self._delta_warned = False
         self.other_param_names = (*self.other_param_names, *self.delta_param_names)  # delete_adapter, .to()
-        self.register_state_dict_pre_hook(DeltaLoraLayer._sync_before_state_dict)
-        self.register_state_dict_post_hook(DeltaLoraLayer._add_inplace_marks)
-        self.register_load_state_dict_pre_hook(DeltaLoraLayer._before_load)
-        self.register_load_state_dict_post_hook(DeltaLoraLayer._after_load)
+        self.register_state_dict_pre_hook(persistence.sync_before_state_dict)
+        self.register_state_dict_post_hook(persistence.add_inplace_marks)
+        self.register_load_state_dict_pre_hook(persistence.before_load)
+        self.register_load_state_dict_post_hook(persistence.after_load)
 
     def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = kwargs.get("config")
@@ -315,16 +308,6 @@ class DeltaLoraLayer:
 
     # -- entry points ---------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _sync_before_state_dict(module: DeltaLoraLayer, prefix: str, keep_vars: bool) -> None:
-        # A saved W is the W the saved tensors describe: compare by value (sees .data writes). Whoever receives the
-        # state dict holds the live tensors and may write them through .data: check again before the next forward.
-        if module.is_partitioned():
-            return  # ZeRO-3/FSDP: the state dict is taken inside the framework's own gather; the updater syncs
-        module.sync_base_weight()
-        invariant.snapshot_anchors(module)
-        module._delta_state.touch()
-
     def match_anchor_dtypes(self, adapter: str) -> None:
         """Keep the anchors and the flag in their factors' dtype (PEFT casts the factors after creating them)."""
         a, b = self.lora_factors(adapter)
@@ -333,46 +316,6 @@ class DeltaLoraLayer:
             if anchor.dtype != like.dtype and like.dtype.is_floating_point:
                 store[adapter] = anchor.to(like.dtype)
                 self._delta_state.touch()
-
-    @staticmethod
-    def _add_inplace_marks(module: DeltaLoraLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-        """An in-place layer's state dict says what its W holds: ``lora_inplace_move.<adapter>`` is the scale at
-        which W holds that adapter's move (0: none). Factored layers write no such key (W is the original base)."""
-        for adapter, settings in module.delta_settings.items():
-            if settings.in_place:
-                record = module.delta_records.get(adapter)
-                scale = 0.0 if record is None else record.scale
-                state_dict[f"{prefix}lora_inplace_move.{adapter}"] = torch.tensor(scale, dtype=torch.float64)
-
-    @staticmethod
-    def _before_load(module: DeltaLoraLayer, state_dict, prefix: str, *args: Any) -> None:
-        invariant.snapshot_anchors(module)  # the load writes the live anchors in place
-        marks = {
-            key.removeprefix(f"{prefix}lora_inplace_move."): float(state_dict.pop(key))
-            for key in [k for k in state_dict if k.startswith(f"{prefix}lora_inplace_move.")]
-        }
-        original = module.__dict__.pop("_loads_original_base", False)
-        weight_key = f"{prefix}base_layer.weight"
-        if weight_key in state_dict:
-            module._loads_base_weight = _what_loaded_w_holds(module, state_dict, prefix, marks, original)
-        _warn_if_partial(module, state_dict, prefix)
-        for adapter in module.lora_anchored.keys():  # loaded anchors keep the factors' dtype (and precision)
-            module.match_anchor_dtypes(adapter)
-
-    @staticmethod
-    def _after_load(module: DeltaLoraLayer, incompatible_keys: Any) -> None:
-        module._delta_state.touch()
-        holds = module.__dict__.pop("_loads_base_weight", None)
-        if holds is not None and holds != "unchanged":  # W was replaced: record what the loaded W holds
-            with torch.no_grad():
-                invariant.refresh_flags([module])
-                module.delta_records.clear()
-                if holds == "legacy":
-                    holds = {adapter: module.move_scale(adapter) for adapter in module.applied_adapters()}
-                for adapter, scale in holds.items():
-                    if scale != 0.0 and adapter in module.delta_settings:
-                        invariant.set_record(module, adapter, invariant.current_tensors(module, adapter), scale)
-        module.sync_base_weight()
 
     def set_adapter(self, adapter_names: str | list[str], *args: Any, **kwargs: Any) -> None:
         super().set_adapter(adapter_names, *args, **kwargs)
@@ -540,52 +483,3 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
 
     def __repr__(self) -> str:
         return "deltalora." + nn.Module.__repr__(self)
-
-
-def _what_loaded_w_holds(
-    layer: DeltaLoraLayer, state_dict: dict, prefix: str, marks: dict[str, float], from_adapter_file: bool
-) -> dict[str, float] | str:
-    """What the W being loaded into ``layer`` holds: ``{adapter: scale}`` of the moves in it, ``"unchanged"``, or
-    ``"legacy"`` (the moves of the layer's applied adapters, read after the load).
-
-    * A state dict written by an in-place layer says so itself (``lora_inplace_move.<adapter>`` keys, the moves of
-      the tensors it carries); any other W is the original base (factored layers, base models, adapter files).
-    * A W equal to the one in memory changes nothing (``set_base_model_state_dict(m, get_base_model_state_dict(m))``).
-    * A whole-model state dict of deltalora-hf <= 0.3 (the layer's adapter keys, no ``lora_steps``) held the moves of
-      its in-place adapters, as that version's ``state_dict()`` gave W.
-    """
-    if marks:
-        return marks
-    incoming, current = state_dict[f"{prefix}base_layer.weight"], layer.get_base_layer().weight
-    plain = not (is_partitioned(current) or current.is_meta or is_partitioned(incoming))
-    if plain and incoming.shape == current.shape and incoming.dtype == current.dtype:
-        with torch.no_grad():
-            if torch.equal(incoming.to(current.device), current):
-                return "unchanged"
-    own = tuple(f"{prefix}{name}." for name in (*layer.adapter_layer_names, "lora_anchor_A"))
-    legacy = any(k.startswith(own) for k in state_dict) and not any(
-        k.startswith(f"{prefix}lora_steps.") for k in state_dict
-    )
-    return "legacy" if legacy and not from_adapter_file else {}
-
-
-def _warn_if_partial(layer: DeltaLoraLayer, state_dict: dict, prefix: str) -> None:
-    """Warn when a state dict brings an adapter's factors without its anchors, flag or step count."""
-    for adapter in layer.delta_settings:
-        factor = f"{prefix}{layer.lora_factor_keys(adapter)[0]}"
-        if factor not in state_dict:
-            continue
-        wanted = [f"{prefix}{name}.{adapter}.weight" for name in ("lora_anchor_A", "lora_anchor_B", "lora_anchored")]
-        flag = state_dict.get(wanted[-1])
-        if flag is None or not bool(flag.reshape(-1)[0]):  # the step count matters until the adapter is anchored
-            wanted.append(f"{prefix}lora_steps.{adapter}.weight")
-        missing = [key.removeprefix(prefix) for key in wanted if key not in state_dict]
-        if missing:
-            warnings.warn(
-                f"Delta-LoRA: a state dict loaded the factors of adapter '{adapter}' without {', '.join(missing)} "
-                "(e.g. a checkpoint of the trainable parameters only). The factors are loaded; the anchors, flag "
-                "and step count stay as they were in this model, so W may move from other anchors, or start at "
-                "another step, than in the run that wrote the checkpoint. Save and load model.state_dict() whole, "
-                "or save_pretrained / PeftModel.from_pretrained (see docs/guides/custom-loops.md).",
-                stacklevel=4,
-            )

@@ -1,0 +1,135 @@
+"""What a Delta-LoRA layer's state dict says, and how a load of one is read (the layer registers these hooks).
+
+A layer's state dict holds its factors, anchors, anchored flags and step counts (saved buffers), W, and, for an
+in-place layer, ``lora_inplace_move.<adapter>``: the scale at which that W holds the adapter's move (0: none). So a
+state dict says which mode wrote it, and a load knows what the W it brings holds:
+
+* in-place marks present: W holds those moves, of the tensors loaded with it;
+* a W equal to the one in memory: nothing changes (``set_base_model_state_dict(m, get_base_model_state_dict(m))``);
+* a whole-model state dict of deltalora-hf <= 0.3 (no ``lora_steps``): the moves of the layer's in-place adapters;
+* anything else (factored layers, base models, adapter files): the original base.
+
+After the load the records say exactly that, and one sync brings W to the invariant of the layer's own mode (see
+``deltalora_hf.invariant``). A state dict that brings factors without their anchors, flag or step count warns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import invariant
+from ._distributed import is_partitioned
+from .invariant import DeltaLayer
+
+
+class InplaceMarks(nn.Module):
+    """Holds no tensor: it names the state-dict keys ``lora_inplace_move.<adapter>`` that an in-place layer adds to
+    every state dict it gives (the scale at which the W of that state dict holds the adapter's move; see
+    ``DeltaLoraLayer._add_inplace_marks``). Registered as a child so that PEFT counts the keys as the adapter's
+    (``get_base_model_state_dict`` leaves them out) while a load of any state dict finds them."""
+
+
+def sync_before_state_dict(module: DeltaLayer, prefix: str, keep_vars: bool) -> None:
+    """Before a state dict is taken: W in step with the adapters."""
+    # A saved W is the W the saved tensors describe: compare by value (sees .data writes). Whoever receives the
+    # state dict holds the live tensors and may write them through .data: check again before the next forward.
+    if module.is_partitioned():
+        return  # ZeRO-3/FSDP: the state dict is taken inside the framework's own gather; the updater syncs
+    module.sync_base_weight()
+    invariant.snapshot_anchors(module)
+    module._delta_state.touch()
+
+
+def add_inplace_marks(module: DeltaLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """An in-place layer's state dict says what its W holds: ``lora_inplace_move.<adapter>`` is the scale at
+    which W holds that adapter's move (0: none). Factored layers write no such key (W is the original base)."""
+    for adapter, settings in module.delta_settings.items():
+        if settings.in_place:
+            record = module.delta_records.get(adapter)
+            scale = 0.0 if record is None else record.scale
+            state_dict[f"{prefix}lora_inplace_move.{adapter}"] = torch.tensor(scale, dtype=torch.float64)
+
+
+def before_load(module: DeltaLayer, state_dict, prefix: str, *args: Any) -> None:
+    """Before a load: read the marks, decide what a loaded W holds, warn about a partial state dict."""
+    invariant.snapshot_anchors(module)  # the load writes the live anchors in place
+    marks = {
+        key.removeprefix(f"{prefix}lora_inplace_move."): float(state_dict.pop(key))
+        for key in [k for k in state_dict if k.startswith(f"{prefix}lora_inplace_move.")]
+    }
+    original = module.__dict__.pop("_loads_original_base", False)
+    weight_key = f"{prefix}base_layer.weight"
+    if weight_key in state_dict:
+        module._loads_base_weight = _what_loaded_w_holds(module, state_dict, prefix, marks, original)
+    _warn_if_partial(module, state_dict, prefix)
+    for adapter in module.lora_anchored.keys():  # loaded anchors keep the factors' dtype (and precision)
+        module.match_anchor_dtypes(adapter)
+
+
+def after_load(module: DeltaLayer, incompatible_keys: Any) -> None:
+    """After a load: record what the loaded W holds, then bring W to the invariant."""
+    module._delta_state.touch()
+    holds = module.__dict__.pop("_loads_base_weight", None)
+    if holds is not None and holds != "unchanged":  # W was replaced: record what the loaded W holds
+        with torch.no_grad():
+            invariant.refresh_flags([module])
+            module.delta_records.clear()
+            if holds == "legacy":
+                holds = {adapter: module.move_scale(adapter) for adapter in module.applied_adapters()}
+            for adapter, scale in holds.items():
+                if scale != 0.0 and adapter in module.delta_settings:
+                    invariant.set_record(module, adapter, invariant.current_tensors(module, adapter), scale)
+    module.sync_base_weight()
+
+
+def _what_loaded_w_holds(
+    layer: DeltaLayer, state_dict: dict, prefix: str, marks: dict[str, float], from_adapter_file: bool
+) -> dict[str, float] | str:
+    """What the W being loaded into ``layer`` holds: ``{adapter: scale}`` of the moves in it, ``"unchanged"``, or
+    ``"legacy"`` (the moves of the layer's applied adapters, read after the load).
+
+    * A state dict written by an in-place layer says so itself (``lora_inplace_move.<adapter>`` keys, the moves of
+      the tensors it carries); any other W is the original base (factored layers, base models, adapter files).
+    * A W equal to the one in memory changes nothing (``set_base_model_state_dict(m, get_base_model_state_dict(m))``).
+    * A whole-model state dict of deltalora-hf <= 0.3 (the layer's adapter keys, no ``lora_steps``) held the moves of
+      its in-place adapters, as that version's ``state_dict()`` gave W.
+    """
+    if marks:
+        return marks
+    incoming, current = state_dict[f"{prefix}base_layer.weight"], layer.get_base_layer().weight
+    plain = not (is_partitioned(current) or current.is_meta or is_partitioned(incoming))
+    if plain and incoming.shape == current.shape and incoming.dtype == current.dtype:
+        with torch.no_grad():
+            if torch.equal(incoming.to(current.device), current):
+                return "unchanged"
+    own = tuple(f"{prefix}{name}." for name in (*layer.adapter_layer_names, "lora_anchor_A"))
+    legacy = any(k.startswith(own) for k in state_dict) and not any(
+        k.startswith(f"{prefix}lora_steps.") for k in state_dict
+    )
+    return "legacy" if legacy and not from_adapter_file else {}
+
+
+def _warn_if_partial(layer: DeltaLayer, state_dict: dict, prefix: str) -> None:
+    """Warn when a state dict brings an adapter's factors without its anchors, flag or step count."""
+    for adapter in layer.delta_settings:
+        factor = f"{prefix}{layer.lora_factor_keys(adapter)[0]}"
+        if factor not in state_dict:
+            continue
+        wanted = [f"{prefix}{name}.{adapter}.weight" for name in ("lora_anchor_A", "lora_anchor_B", "lora_anchored")]
+        flag = state_dict.get(wanted[-1])
+        if flag is None or not bool(flag.reshape(-1)[0]):  # the step count matters until the adapter is anchored
+            wanted.append(f"{prefix}lora_steps.{adapter}.weight")
+        missing = [key.removeprefix(prefix) for key in wanted if key not in state_dict]
+        if missing:
+            warnings.warn(
+                f"Delta-LoRA: a state dict loaded the factors of adapter '{adapter}' without {', '.join(missing)} "
+                "(e.g. a checkpoint of the trainable parameters only). The factors are loaded; the anchors, flag "
+                "and step count stay as they were in this model, so W may move from other anchors, or start at "
+                "another step, than in the run that wrote the checkpoint. Save and load model.state_dict() whole, "
+                "or save_pretrained / PeftModel.from_pretrained (see docs/guides/custom-loops.md).",
+                stacklevel=4,
+            )
