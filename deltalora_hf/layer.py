@@ -17,7 +17,7 @@ LoRA. With adapters disabled the output is the ORIGINAL base model's in both mod
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,48 +32,6 @@ from .config import DeltaSettings
 from .functional import delta_factors, scale_grad
 
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.Embedding)
-
-
-class _Anchor(nn.Module):
-    """One saved buffer, named ``weight`` like the factors' parameters (its key is ``<container>.<adapter>.weight``)."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight", value, persistent=True)
-
-
-class AnchorDict(nn.Module):
-    """Adapter name -> saved buffer, registered as ``<adapter>.weight``; indexing gives the tensor.
-
-    Buffers, not frozen parameters: frameworks keep buffers in every state dict they build, while many leave frozen
-    parameters out as "the base model" (e.g. DeepSpeed's ZeRO-3 save with ``exclude_frozen_parameters``, which
-    Trainer uses for PEFT models). The names follow PEFT's ``lora_A.<adapter>.weight``, so that a state-dict walk
-    (PEFT's hotswap) finds the layer of every key.
-    """
-
-    def __getitem__(self, adapter: str) -> torch.Tensor:
-        return self._modules[adapter].weight
-
-    def __setitem__(self, adapter: str, value: torch.Tensor) -> None:
-        self.add_module(adapter, _Anchor(value.detach()))
-
-    def __delitem__(self, adapter: str) -> None:
-        del self._modules[adapter]
-
-    def __contains__(self, adapter: object) -> bool:
-        return adapter in self._modules
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._modules)
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def keys(self) -> list[str]:
-        return list(self._modules)
-
-    def items(self) -> list[tuple[str, torch.Tensor]]:
-        return [(k, m.weight) for k, m in self._modules.items()]
 
 
 class ScalingDict(dict):
@@ -133,7 +91,9 @@ class DeltaLoraLayer:
         "lora_anchor_B",
         "lora_anchored",
         "lora_steps",
+        "lora_inplace_move",
         "delta_settings",
+        "delta_counted",
         "delta_records",
         "_anchored",
     )
@@ -154,19 +114,19 @@ class DeltaLoraLayer:
         if hasattr(self, "lora_anchored"):
             return
         invariant.install_hooks()
-        self.lora_anchor_A = AnchorDict()
-        self.lora_anchor_B = AnchorDict()
-        self.lora_anchored = AnchorDict()
-        self.lora_steps = AnchorDict()  # the adapter's own optimizer steps (int64), saved: K is counted in them
-        self.lora_inplace_move = persistence.InplaceMarks()
+        self.lora_anchor_A = persistence.AnchorDict()
+        self.lora_anchor_B = persistence.AnchorDict()
+        self.lora_anchored = persistence.AnchorDict()
+        self.lora_steps = persistence.AnchorDict()  # the adapter's own optimizer steps (int64): K is counted in them
+        self.lora_inplace_move = persistence.InplaceMarks()  # in-place adapters: what W holds, for state dicts
+        self.delta_counted: dict[str, tuple] = {}  # the optimizer step an adapter's count last counted
         self.delta_settings: dict[str, DeltaSettings] = {}
         self.delta_records: dict[str, invariant.Record] = {}  # in-place mode: what W holds, per adapter (not saved)
         self._anchored: dict[str, bool] = {}  # the flags' values, read only when they may have changed
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
         self._delta_warned = False
         self.other_param_names = (*self.other_param_names, *self.delta_param_names)  # delete_adapter, .to()
-        self.register_state_dict_pre_hook(persistence.sync_before_state_dict)
-        self.register_state_dict_post_hook(persistence.add_inplace_marks)
+        self.register_state_dict_pre_hook(persistence.before_state_dict)
         self.register_load_state_dict_pre_hook(persistence.before_load)
         self.register_load_state_dict_post_hook(persistence.after_load)
 
@@ -190,6 +150,8 @@ class DeltaLoraLayer:
         self.lora_anchor_B[adapter_name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
         self.lora_anchored[adapter_name] = torch.zeros(1, dtype=a.dtype, device=device)
         self.lora_steps[adapter_name] = torch.zeros(1, dtype=torch.int64, device=device)
+        if self.delta_settings[adapter_name].in_place:
+            self.lora_inplace_move[adapter_name] = persistence.encode_scale(0.0, device)
         self._anchored[adapter_name] = False
         self._delta_state.touch()
 

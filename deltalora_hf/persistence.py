@@ -1,8 +1,8 @@
 """What a Delta-LoRA layer's state dict says, and how a load of one is read (the layer registers these hooks).
 
 A layer's state dict holds its factors, anchors, anchored flags and step counts (saved buffers), W, and, for an
-in-place layer, ``lora_inplace_move.<adapter>``: the scale at which that W holds the adapter's move (0: none). So a
-state dict says which mode wrote it, and a load knows what the W it brings holds:
+in-place adapter, ``lora_inplace_move.<adapter>.weight``: the scale at which that W holds the adapter's move (0:
+none). So a state dict says which mode wrote it, and a load knows what the W it brings holds:
 
 * in-place marks present: W holds those moves, of the tensors loaded with it;
 * a W equal to the one in memory: nothing changes (``set_base_model_state_dict(m, get_base_model_state_dict(m))``);
@@ -16,6 +16,7 @@ After the load the records say exactly that, and one sync brings W to the invari
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,39 +27,95 @@ from ._distributed import is_partitioned
 from .invariant import DeltaLayer
 
 
-class InplaceMarks(nn.Module):
-    """Holds no tensor: it names the state-dict keys ``lora_inplace_move.<adapter>`` that an in-place layer adds to
-    every state dict it gives (the scale at which the W of that state dict holds the adapter's move; see
-    ``DeltaLoraLayer._add_inplace_marks``). Registered as a child so that PEFT counts the keys as the adapter's
-    (``get_base_model_state_dict`` leaves them out) while a load of any state dict finds them."""
+class _Anchor(nn.Module):
+    """One saved buffer, named ``weight`` like the factors' parameters (its key is ``<container>.<adapter>.weight``)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", value, persistent=True)
 
 
-def sync_before_state_dict(module: DeltaLayer, prefix: str, keep_vars: bool) -> None:
-    """Before a state dict is taken: W in step with the adapters."""
+class AnchorDict(nn.Module):
+    """Adapter name -> saved buffer, registered as ``<adapter>.weight``; indexing gives the tensor.
+
+    Buffers, not frozen parameters: frameworks keep buffers in every state dict they build, while many leave frozen
+    parameters out as "the base model" (e.g. DeepSpeed's ZeRO-3 save with ``exclude_frozen_parameters``, which
+    Trainer uses for PEFT models). The names follow PEFT's ``lora_A.<adapter>.weight``, so that a state-dict walk
+    (PEFT's hotswap) finds the layer of every key.
+    """
+
+    def __getitem__(self, adapter: str) -> torch.Tensor:
+        return self._modules[adapter].weight
+
+    def __setitem__(self, adapter: str, value: torch.Tensor) -> None:
+        self.add_module(adapter, _Anchor(value.detach()))
+
+    def __delitem__(self, adapter: str) -> None:
+        del self._modules[adapter]
+
+    def __contains__(self, adapter: object) -> bool:
+        return adapter in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self) -> list[str]:
+        return list(self._modules)
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(k, m.weight) for k, m in self._modules.items()]
+
+
+class _Mark(_Anchor):
+    """A mark is written from the records when a state dict is taken and read by the layer's load hook
+    (``before_load``), never loaded into: a state dict without it (factored mode, a base model, an older version)
+    reports no missing key."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        return
+
+
+class InplaceMarks(AnchorDict):
+    """``lora_inplace_move.<adapter>.weight`` of in-place adapters: the scale at which W, in a state dict, holds the
+    adapter's move (0: none), stored as the bits of a float64 in an int64 (``encode_scale``) so that dtype casts such
+    as ``model.half()`` leave it exact. So a state dict says which mode wrote it. Buffers, so that every key of a
+    state dict is an attribute path (PEFT's hotswap, ``get_base_model_state_dict``'s adapter keys)."""
+
+    def __setitem__(self, adapter: str, value: torch.Tensor) -> None:
+        self.add_module(adapter, _Mark(value.detach()))
+
+
+def encode_scale(scale: float, device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.tensor([scale], dtype=torch.float64, device=device).view(torch.int64)
+
+
+def decode_scale(value: torch.Tensor) -> float:
+    return float(value.reshape(1).view(torch.float64)) if value.dtype == torch.int64 else float(value)
+
+
+def before_state_dict(module: DeltaLayer, prefix: str, keep_vars: bool) -> None:
+    """Before a state dict is taken: W in step with the adapters, and the marks say what it holds."""
     # A saved W is the W the saved tensors describe: compare by value (sees .data writes). Whoever receives the
     # state dict holds the live tensors and may write them through .data: check again before the next forward.
-    if module.is_partitioned():
-        return  # ZeRO-3/FSDP: the state dict is taken inside the framework's own gather; the updater syncs
-    module.sync_base_weight()
-    invariant.snapshot_anchors(module)
-    module._delta_state.touch()
-
-
-def add_inplace_marks(module: DeltaLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """An in-place layer's state dict says what its W holds: ``lora_inplace_move.<adapter>`` is the scale at
-    which W holds that adapter's move (0: none). Factored layers write no such key (W is the original base)."""
-    for adapter, settings in module.delta_settings.items():
-        if settings.in_place:
+    if not module.is_partitioned():  # ZeRO-3/FSDP: taken inside the framework's own gather; the updater syncs
+        module.sync_base_weight()
+        invariant.snapshot_anchors(module)
+        module._delta_state.touch()
+    with torch.no_grad():
+        for adapter in module.lora_inplace_move:
             record = module.delta_records.get(adapter)
-            scale = 0.0 if record is None else record.scale
-            state_dict[f"{prefix}lora_inplace_move.{adapter}"] = torch.tensor(scale, dtype=torch.float64)
+            mark = module.lora_inplace_move[adapter]
+            mark.copy_(encode_scale(0.0 if record is None else record.scale, mark.device))
 
 
 def before_load(module: DeltaLayer, state_dict, prefix: str, *args: Any) -> None:
     """Before a load: read the marks, decide what a loaded W holds, warn about a partial state dict."""
     invariant.snapshot_anchors(module)  # the load writes the live anchors in place
     marks = {
-        key.removeprefix(f"{prefix}lora_inplace_move."): float(state_dict.pop(key))
+        key.removeprefix(f"{prefix}lora_inplace_move.").removesuffix(".weight"): decode_scale(state_dict.pop(key))
         for key in [k for k in state_dict if k.startswith(f"{prefix}lora_inplace_move.")]
     }
     original = module.__dict__.pop("_loads_original_base", False)

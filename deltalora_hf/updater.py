@@ -34,7 +34,7 @@ from torch import nn
 
 from ._distributed import check_writable_in_place, full_values
 from .functional import delta_factors, low_rank_frobenius_sq
-from .invariant import read_scalars, sync_layers
+from .invariant import optimizer_steps, read_scalars, sync_layers, version
 from .layer import DeltaLoraLayer
 from .model import delta_lora_layers
 
@@ -81,6 +81,18 @@ def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLa
 def _is_trained(layer: DeltaLoraLayer, adapter: str) -> bool:
     """Whether the optimizer trains this adapter's factors (a frozen reference adapter takes no steps)."""
     return any(t.requires_grad for t in layer.lora_factors(adapter))
+
+
+def _took_a_step(layer: DeltaLoraLayer, adapter: str) -> bool:
+    """Whether the adapter took an optimizer step since its count last counted one: the process's optimizer-step
+    count (fused optimizers bump no version counter) or its factors' versions (a hand-made update) moved. So a
+    second updater or callback on the same model, called for the same step, counts nothing."""
+    a, b = layer.lora_factors(adapter)
+    now = (optimizer_steps(), version(a), version(b))
+    if layer.delta_counted.get(adapter) == now:
+        return False
+    layer.delta_counted[adapter] = now
+    return True
 
 
 class DeltaLoraUpdater:
@@ -148,10 +160,11 @@ class DeltaLoraUpdater:
         layers = self.layers()
         trained = [(layer, adapter) for layer, adapter in _moving_adapters(layers) if _is_trained(layer, adapter)]
         anchored_before = [(layer, adapter) for layer, adapter in trained if layer.is_anchored(adapter)]
-        if trained:
+        stepped = [(layer, adapter) for layer, adapter in trained if _took_a_step(layer, adapter)]
+        if stepped:
             with torch.no_grad():
-                torch._foreach_add_([layer.lora_steps[adapter] for layer, adapter in trained], 1)
-        pending = [(layer, adapter) for layer, adapter in trained if not layer.is_anchored(adapter)]
+                torch._foreach_add_([layer.lora_steps[adapter] for layer, adapter in stepped], 1)
+        pending = [(layer, adapter) for layer, adapter in stepped if not layer.is_anchored(adapter)]
         if pending:  # one host sync, and only until every adapter is anchored
             counts = read_scalars([layer.lora_steps[adapter].reshape(1).float() for layer, adapter in pending])
             for (layer, adapter), count in zip(pending, counts):
