@@ -13,7 +13,7 @@ from .layer import DeltaLoraLayer
 from .model import DeltaLoraModel
 from .updater import DeltaLoraUpdater, UpdateStats
 
-__version__ = "0.3.0"  # 0.3: anchors saved as lora_anchor_A.<adapter>.weight, peft_type names the install
+__version__ = "0.4.0"  # 0.4: step counts (lora_steps) and in-place marks (lora_inplace_move) saved; 0.2/0.3 files load
 
 _register(DeltaLoraConfig, DeltaLoraModel)
 

@@ -235,3 +235,22 @@ def test_peft_lora_target_guards_apply():
     with pytest.raises(ValueError, match="out_proj.*incompatible with Mamba"):
         get_peft_model(mamba, delta_config(target_modules=["out_proj"]))
     get_peft_model(mamba, delta_config(target_modules=["in_proj"]))  # a compatible target is fine
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_files_and_state_dicts_of_0_3_still_load(models, mode, tmp_path):
+    """0.3 wrote no step counts and no in-place marks: its adapter files load as before, and a whole-model state dict
+    of an in-place model is read as 0.3 wrote it (W with the moves of the in-place adapters)."""
+    tensors = adapter_tensors(models[mode])
+    folder, file = _saved(models, tmp_path, mode)
+    old = {k: v for k, v in load_file(file).items() if ".lora_steps." not in k and ".lora_inplace_move." not in k}
+    save_file(old, file)
+    assert_close(logits(PeftModel.from_pretrained(tiny_llama(), folder)), reference_logits(tensors))
+    state = {
+        k: v.clone()
+        for k, v in models[mode].state_dict().items()
+        if ".lora_steps." not in k and "inplace_move" not in k
+    }
+    model = get_peft_model(tiny_llama(), delta_config(mode))
+    model.load_state_dict(state, strict=False)
+    assert_close(logits(model), reference_logits(tensors))
