@@ -90,7 +90,7 @@ class DeltaLoraLayer:
         "lora_anchor_A",
         "lora_anchor_B",
         "lora_anchored",
-        "lora_steps",
+        "lora_warmup_steps",
         "lora_inplace_move",
         "delta_settings",
         "delta_counted",
@@ -117,7 +117,7 @@ class DeltaLoraLayer:
         self.lora_anchor_A = persistence.AnchorDict()
         self.lora_anchor_B = persistence.AnchorDict()
         self.lora_anchored = persistence.AnchorDict()
-        self.lora_steps = persistence.AnchorDict()  # the adapter's own optimizer steps (int64): K is counted in them
+        self.lora_warmup_steps = persistence.AnchorDict()  # optimizer steps before anchoring (int64): K counts them
         self.lora_inplace_move = persistence.InplaceMarks()  # in-place adapters: what W holds, for state dicts
         self.delta_counted: dict[str, tuple] = {}  # the optimizer step an adapter's count last counted
         self.delta_settings: dict[str, DeltaSettings] = {}
@@ -149,7 +149,7 @@ class DeltaLoraLayer:
         self.lora_anchor_A[adapter_name] = torch.zeros(a.shape, dtype=a.dtype, device=device)
         self.lora_anchor_B[adapter_name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
         self.lora_anchored[adapter_name] = torch.zeros(1, dtype=a.dtype, device=device)
-        self.lora_steps[adapter_name] = torch.zeros(1, dtype=torch.int64, device=device)
+        self.lora_warmup_steps[adapter_name] = torch.zeros(1, dtype=torch.int64, device=device)
         if self.delta_settings[adapter_name].in_place:
             self.lora_inplace_move[adapter_name] = persistence.encode_scale(0.0, device)
         self._anchored[adapter_name] = False
@@ -214,7 +214,7 @@ class DeltaLoraLayer:
     def copy_anchors(self, source: str, target: str) -> None:
         """Give adapter ``target`` the anchors and flag of adapter ``source`` (see ``adopt_copied_anchors``)."""
         with torch.no_grad():
-            for store in (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored, self.lora_steps):
+            for store in (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored, self.lora_warmup_steps):
                 if store[target].shape != store[source].shape or store[target].dtype != store[source].dtype:
                     store[target] = torch.zeros_like(store[source])
                 store[target].copy_(store[source])

@@ -1,12 +1,12 @@
 """What a Delta-LoRA layer's state dict says, and how a load of one is read (the layer registers these hooks).
 
-A layer's state dict holds its factors, anchors, anchored flags and step counts (saved buffers), W, and, for an
+A layer's state dict holds its factors, anchors, anchored flags and warm-up step counts (saved buffers), W, and, for an
 in-place adapter, ``lora_inplace_move.<adapter>.weight``: the scale at which that W holds the adapter's move (0:
 none). So a state dict says which mode wrote it, and a load knows what the W it brings holds:
 
 * in-place marks present: W holds those moves, of the tensors loaded with it;
 * a W equal to the one in memory: nothing changes (``set_base_model_state_dict(m, get_base_model_state_dict(m))``);
-* a whole-model state dict of deltalora-hf <= 0.3 (no ``lora_steps``): the moves of the layer's in-place adapters;
+* a whole-model state dict of 0.3 or older (no ``lora_warmup_steps``): the moves of the layer's in-place adapters;
 * anything else (factored layers, base models, adapter files): the original base.
 
 After the load the records say exactly that, and one sync brings W to the invariant of the layer's own mode (see
@@ -152,7 +152,7 @@ def _what_loaded_w_holds(
     * A state dict written by an in-place layer says so itself (``lora_inplace_move.<adapter>`` keys, the moves of
       the tensors it carries); any other W is the original base (factored layers, base models, adapter files).
     * A W equal to the one in memory changes nothing (``set_base_model_state_dict(m, get_base_model_state_dict(m))``).
-    * A whole-model state dict of deltalora-hf <= 0.3 (the layer's adapter keys, no ``lora_steps``) held the moves of
+    * A whole-model state dict of deltalora-hf <= 0.3 (adapter keys, no ``lora_warmup_steps``) held the moves of
       its in-place adapters, as that version's ``state_dict()`` gave W.
     """
     if marks:
@@ -165,7 +165,7 @@ def _what_loaded_w_holds(
                 return "unchanged"
     own = tuple(f"{prefix}{name}." for name in (*layer.adapter_layer_names, "lora_anchor_A"))
     legacy = any(k.startswith(own) for k in state_dict) and not any(
-        k.startswith(f"{prefix}lora_steps.") for k in state_dict
+        k.startswith(f"{prefix}lora_warmup_steps.") for k in state_dict
     )
     return "legacy" if legacy and not from_adapter_file else {}
 
@@ -179,7 +179,7 @@ def _warn_if_partial(layer: DeltaLayer, state_dict: dict, prefix: str) -> None:
         wanted = [f"{prefix}{name}.{adapter}.weight" for name in ("lora_anchor_A", "lora_anchor_B", "lora_anchored")]
         flag = state_dict.get(wanted[-1])
         if flag is None or not bool(flag.reshape(-1)[0]):  # the step count matters until the adapter is anchored
-            wanted.append(f"{prefix}lora_steps.{adapter}.weight")
+            wanted.append(f"{prefix}lora_warmup_steps.{adapter}.weight")
         missing = [key.removeprefix(prefix) for key in wanted if key not in state_dict]
         if missing:
             warnings.warn(

@@ -13,8 +13,8 @@ Call ``DeltaLoraUpdater.step`` once after every ``optimizer.step()``::
 ``DeltaLoRACallback`` drives the same object from ``Trainer``.
 
 The updater does two things. It *anchors* each active adapter at the end of its own optimizer step
-``t == start_step`` (counted from 0 in the adapter's saved step count ``lora_steps``, which a resumed run, a new
-process or a second trainer continues), recording ``(A_K, B_K)``. And it *syncs* every
+``t == start_step`` (counted from 0 in the adapter's saved warm-up count ``lora_warmup_steps``, which a resumed
+run, a new process or a second trainer continues), recording ``(A_K, B_K)``. And it *syncs* every
 layer (``DeltaLoraLayer.sync_base_weight``): W follows the factors of every anchored in-place adapter, which
 after an optimizer step is exactly ``W += lambda * s * (B'A' - BA)``. The anchor belongs to the adapter, not to
 the run: once anchored, W moves on every later optimizer step of any run, resumed or new. The sync is idempotent,
@@ -78,16 +78,14 @@ def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLa
                 yield layer, adapter
 
 
-def _is_trained(layer: DeltaLoraLayer, adapter: str) -> bool:
-    """Whether the optimizer trains this adapter's factors (a frozen reference adapter takes no steps)."""
-    return any(t.requires_grad for t in layer.lora_factors(adapter))
-
-
 def _took_a_step(layer: DeltaLoraLayer, adapter: str) -> bool:
-    """Whether the adapter took an optimizer step since its count last counted one: the process's optimizer-step
-    count (fused optimizers bump no version counter) or its factors' versions (a hand-made update) moved. So a
-    second updater or callback on the same model, called for the same step, counts nothing."""
+    """Whether the adapter took an optimizer step since its count last counted one: its factors are trained, and the
+    process's optimizer-step count (fused optimizers bump no version counter) or the factors' versions (a hand-made
+    update) moved. So a second updater or callback on the same model, called for the same step, counts nothing, and
+    a frozen adapter (a reference) takes no steps."""
     a, b = layer.lora_factors(adapter)
+    if not (a.requires_grad or b.requires_grad):
+        return False
     now = (optimizer_steps(), version(a), version(b))
     if layer.delta_counted.get(adapter) == now:
         return False
@@ -147,9 +145,10 @@ class DeltaLoraUpdater:
     def step(self, step: int | None = None) -> UpdateStats:
         """Count the optimizer step that was just taken, anchor where due, then move W for it.
 
-        Every active Delta-LoRA adapter whose factors are trained counts the step in its own saved counter
-        (``lora_steps``); it anchors once it has taken ``start_step + 1`` steps, so W moves on its steps
-        ``t > K`` (``t`` counted from 0), however the training was split into runs, processes or trainers.
+        Every active Delta-LoRA adapter that is not anchored yet and whose factors are trained counts the step in
+        its own saved counter (``lora_warmup_steps``); it anchors once it has taken ``start_step + 1`` steps, so W
+        moves on its steps ``t > K`` (``t`` counted from 0), however the training was split into runs, processes or
+        trainers. Once anchored the count stays at ``K + 1`` (nothing is launched for it any more).
 
         Args:
             step: a label for ``UpdateStats.step`` (``Trainer`` passes ``state.global_step``); defaults to one more
@@ -158,15 +157,14 @@ class DeltaLoraUpdater:
         t = self.next_step if step is None else int(step)
         self.next_step = t + 1
         layers = self.layers()
-        trained = [(layer, adapter) for layer, adapter in _moving_adapters(layers) if _is_trained(layer, adapter)]
-        anchored_before = [(layer, adapter) for layer, adapter in trained if layer.is_anchored(adapter)]
-        stepped = [(layer, adapter) for layer, adapter in trained if _took_a_step(layer, adapter)]
-        if stepped:
+        moving = list(_moving_adapters(layers))
+        anchored_before = [(layer, adapter) for layer, adapter in moving if layer.is_anchored(adapter)]
+        warming = [(layer, adapter) for layer, adapter in moving if not layer.is_anchored(adapter)]
+        pending = [(layer, adapter) for layer, adapter in warming if _took_a_step(layer, adapter)]
+        if pending:  # one op and one host sync per step, only until every adapter is anchored
             with torch.no_grad():
-                torch._foreach_add_([layer.lora_steps[adapter] for layer, adapter in stepped], 1)
-        pending = [(layer, adapter) for layer, adapter in stepped if not layer.is_anchored(adapter)]
-        if pending:  # one host sync, and only until every adapter is anchored
-            counts = read_scalars([layer.lora_steps[adapter].reshape(1).float() for layer, adapter in pending])
+                torch._foreach_add_([layer.lora_warmup_steps[adapter] for layer, adapter in pending], 1)
+            counts = read_scalars([layer.lora_warmup_steps[adapter].reshape(1).float() for layer, adapter in pending])
             for (layer, adapter), count in zip(pending, counts):
                 if count > layer.delta_settings[adapter].start_step:
                     layer.set_anchor(adapter)

@@ -33,7 +33,7 @@ def _dense_delta(module) -> torch.Tensor:
 def reference_algorithm_1(base, targets, init_state, rows, steps, start_step, update_ratio):
     ref = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets))
     missing = ref.load_state_dict(init_state, strict=False)
-    delta_only = ("lora_anchor", "lora_steps", "lora_inplace_move")  # what plain LoRA has no place for
+    delta_only = ("lora_anchor", "lora_warmup_steps", "lora_inplace_move")  # what plain LoRA has no place for
     assert all(any(part in k for part in delta_only) for k in missing.unexpected_keys)
     params = [p for p in ref.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)

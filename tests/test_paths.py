@@ -161,7 +161,7 @@ def test_a_checkpoint_of_the_trainable_parameters_only_warns_and_names_what_is_m
     model = fresh_copy(models, "inplace")
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     target = get_peft_model(tiny_llama(), delta_config())
-    with pytest.warns(UserWarning, match="lora_anchor_A.*lora_steps|anchors"):
+    with pytest.warns(UserWarning, match="lora_anchor_A.*lora_warmup_steps|anchors"):
         target.load_state_dict(trainable, strict=False)
 
 
@@ -192,8 +192,8 @@ def test_a_damaged_adapter_file_is_refused_at_load_naming_the_keys(models, mode,
 
 def test_adapter_files_carry_the_step_count_and_k_means_the_adapters_own_steps(models, tmp_path):
     folder, file = _saved(models, tmp_path, "inplace")
-    steps = {k: v for k, v in load_file(file).items() if ".lora_steps." in k}
-    assert steps and all(int(v) == 6 for v in steps.values())
+    steps = {k: v for k, v in load_file(file).items() if ".lora_warmup_steps." in k}
+    assert steps and all(int(v) == 3 for v in steps.values())  # K + 1 = 3 warm-up steps, then anchored
     assert json.loads((folder / "adapter_config.json").read_text())["start_step"] == 2
 
 
@@ -243,13 +243,15 @@ def test_files_and_state_dicts_of_0_3_still_load(models, mode, tmp_path):
     of an in-place model is read as 0.3 wrote it (W with the moves of the in-place adapters)."""
     tensors = adapter_tensors(models[mode])
     folder, file = _saved(models, tmp_path, mode)
-    old = {k: v for k, v in load_file(file).items() if ".lora_steps." not in k and ".lora_inplace_move." not in k}
+    old = {
+        k: v for k, v in load_file(file).items() if ".lora_warmup_steps." not in k and ".lora_inplace_move." not in k
+    }
     save_file(old, file)
     assert_close(logits(PeftModel.from_pretrained(tiny_llama(), folder)), reference_logits(tensors))
     state = {
         k: v.clone()
         for k, v in models[mode].state_dict().items()
-        if ".lora_steps." not in k and "inplace_move" not in k
+        if ".lora_warmup_steps." not in k and "inplace_move" not in k
     }
     model = get_peft_model(tiny_llama(), delta_config(mode))
     model.load_state_dict(state, strict=False)
