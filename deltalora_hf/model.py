@@ -17,7 +17,6 @@ from ._distributed import in_place_problem, is_dtensor
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, is_bnb_layer
 from .config import BaseUpdate, DeltaLoraConfig
 from .layer import SUPPORTED_BASE_LAYERS, DeltaLoraLayer, Embedding, Linear
-from .persistence import encode_scale
 
 _NO_INIT_CONVERSION = (
     "path_initial_model_for_weight_conversion / subtract_mutated_init convert PiSSA-like initialisations to LoRA; "
@@ -186,8 +185,7 @@ class DeltaLoraModel(LoraModel):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """PEFT's selection of what an adapter file holds. The embedding weights PEFT adds to it (when an embedding
         is targeted) are written as the ORIGINAL base's: an adapter file never carries the move of another adapter."""
-        marks = [k for k in state_dict if ".lora_inplace_move." in k]  # W is not saved (or is the original base)
-        state_dict = {**state_dict, **{k: encode_scale(0.0) for k in marks}}
+        state_dict = {k: v for k, v in state_dict.items() if ".lora_inplace_move." not in k}  # W is not saved
         for name, layer in model.named_modules():
             key = f"{name}.base_layer.weight"
             if isinstance(layer, Embedding) and key in state_dict and layer.delta_records:
