@@ -348,15 +348,20 @@ class DeltaLoraLayer:
         return self.lora_B[adapter](self.lora_A[adapter](self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)))
 
     def _factored_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[(1 + lambda g) s B', -lambda s B_K]`` and ``[A'; A_K]`` (see ``_adapter_output``)."""
+        """``[(1 + lambda g) s B', -lambda s B_K]`` and ``[A'; A_K]`` (see ``_adapter_output``), from the live
+        tensors. ``g``, the anchored flag, is read as a number where that costs no device sync (on the CPU, in
+        eager mode); the gradient scaling is applied only where autograd records the factors."""
         a, b = used_in_forward(self, *self.lora_factors(adapter))
         stores = (self.lora_anchor_A, self.lora_anchor_B, self.lora_anchored)  # buffers: whole on every rank
         a_k, b_k, flag = (_as(store[adapter], a.dtype) for store in stores)
         s, ratio = self.scaling[adapter], self.delta_settings[adapter].update_ratio
-        grow = 1.0 + ratio * flag.reshape(())
-        a_cat = torch.cat([scale_grad(a, 1.0 / grow), a_k], dim=0)
-        b_cat = torch.cat([scale_grad(b, 1.0 / grow) * (s * grow), (-ratio * s) * b_k], dim=1)
-        return a_cat, b_cat
+        if flag.device.type == "cpu" and not torch.compiler.is_compiling():
+            grow: torch.Tensor | float = 1.0 + ratio * float(flag)
+        else:
+            grow = 1.0 + ratio * flag.reshape(())
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            a, b = scale_grad(a, 1.0 / grow), scale_grad(b, 1.0 / grow)
+        return torch.cat([a, a_k], dim=0), torch.cat([b * (s * grow), (-ratio * s) * b_k], dim=1)
 
     def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """What adapter ``adapter`` adds to the base output: ``s B A x``, plus the move in factored mode.
