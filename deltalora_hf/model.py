@@ -185,7 +185,9 @@ class DeltaLoraModel(LoraModel):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """PEFT's selection of what an adapter file holds. The embedding weights PEFT adds to it (when an embedding
         is targeted) are written as the ORIGINAL base's: an adapter file never carries the move of another adapter."""
-        state_dict = {k: v for k, v in state_dict.items() if ".lora_inplace_move." not in k}  # W is not saved
+        # in place: PEFT reads the embedding weights from this same dict afterwards (save_embedding_layers)
+        for key in [k for k in state_dict if ".lora_inplace_move." in k]:  # W is not saved, or is the original
+            del state_dict[key]
         for name, layer in model.named_modules():
             key = f"{name}.base_layer.weight"
             if isinstance(layer, Embedding) and key in state_dict and layer.delta_records:
