@@ -56,8 +56,8 @@ def train(workspace: Path, name: str, **overrides) -> tuple[Path, Path]:
     return config, output
 
 
-# The factored run also turns on gradient checkpointing and sample packing, which Axolotl otherwise wires up only
-# for its own adapter names.
+# The factored run also turns on gradient checkpointing and sample packing. Axolotl's model loader enables
+# checkpointing only for its own adapter names; transformers' Trainer enables it from the training arguments.
 MODES = {
     "inplace": {},
     "factored": {"gradient_checkpointing": True, "sample_packing": True, "pad_to_sequence_len": True},

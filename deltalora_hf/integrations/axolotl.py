@@ -182,9 +182,6 @@ class DeltaLoraPlugin(BasePlugin):
         config = delta_lora_config(lora_config, DeltaLoraOptions.model_validate(cfg.deltalora or {}))
         if config_only:
             return None, config
-        if cfg.gradient_checkpointing and not cfg.activation_offloading:
-            # Axolotl's model loader does this only for its own adapter names.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs)
         if cfg.lora_model_dir:
             peft_type = saved_peft_type(cfg.lora_model_dir)
             if peft_type not in (None, DELTALORA.value):
