@@ -1,8 +1,9 @@
 """Helpers of tests/test_axolotl.py: a tiny offline Llama and dataset, Axolotl configs and runs, and ProbePlugin.
 
-``ProbePlugin`` is a second Axolotl plugin, listed in the test configs' ``plugins:``: after training it saves, from
-the trained model in memory, the logits on :data:`PROBE_IDS` and every base weight W of a LoRA layer. The tests
-compare saved adapters, merges and exports against these (what the model was, not what a file says it was).
+``ProbePlugin`` is a second Axolotl plugin, listed in the test configs' ``plugins:``: after a command loads the model,
+and after training, it saves from the model in memory the logits on :data:`PROBE_IDS` and every base weight W of a
+LoRA layer. The tests compare saved adapters, merges and exports against these (what the model was, not what a file
+says it was).
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import yaml
 from axolotl.integrations.base import BasePlugin
 
 PROBE_IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200, 7, 3, 250, 42]])
-PROBE_FILE = "probe.pt"
+PROBE_FILE = "probe.pt"  # the model after training
+PROBE_LOADED_FILE = "probe-loaded.pt"  # the model as a command loaded it (train, inference, evaluate, ...)
 REPO = Path(__file__).resolve().parent.parent
 
 
 class ProbePlugin(BasePlugin):
-    """Saves ``probe(model)`` of the trained model to ``<output_dir>/probe.pt`` (see the module docstring)."""
+    """Saves ``probe(model)`` of the model as loaded and as trained into ``output_dir`` (see the module docstring)."""
+
+    def post_model_load(self, cfg, model):
+        torch.save(probe(model), Path(cfg.output_dir) / PROBE_LOADED_FILE)
 
     def post_train(self, cfg, model):
         torch.save(probe(model), Path(cfg.output_dir) / PROBE_FILE)
@@ -152,7 +157,13 @@ def run_axolotl(*args: str, cwd: Path, timeout: int = 900) -> subprocess.Complet
         "TOKENIZERS_PARALLELISM": "false",
     }
     done = subprocess.run(
-        [str(Path(bin_dir) / "axolotl"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
+        [str(Path(bin_dir) / "axolotl"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, f"axolotl {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
     return done

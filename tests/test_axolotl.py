@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from .axolotl_support import (  # noqa: E402
     PROBE_FILE,
     PROBE_IDS,
+    PROBE_LOADED_FILE,
     run_axolotl,
     save_dataset,
     save_tiny_llama,
@@ -154,23 +155,38 @@ def test_export_loads_in_plain_peft(trained, workspace, tmp_path):
     assert max_diff(logits(plain), trained["probe"]["logits"]) <= TOL
 
 
-def test_resume_after_start_step_matches_uninterrupted_run(inplace, workspace):
-    """``resume_from_checkpoint`` at step 4 (W has moved once) ends where the uninterrupted in-place run ends."""
-    whole = inplace["probe"]
-    checkpoint = workspace / "resume-from"
-    shutil.copytree(inplace["output"] / "checkpoint-4", checkpoint)
-    _, output = train(workspace, "resumed", resume_from_checkpoint=str(checkpoint))
+@pytest.mark.parametrize("step", [2, 4], ids=["before-K", "after-K"])
+def test_resume_matches_the_uninterrupted_run(inplace, workspace, step):
+    """``resume_from_checkpoint`` at step 2 (before the adapter is anchored at the end of step K = 2) or 4 (W has
+    moved once) ends where the uninterrupted in-place run ends."""
+    checkpoint = workspace / f"resume-from-{step}"
+    shutil.copytree(inplace["output"] / f"checkpoint-{step}", checkpoint)
+    _, output = train(workspace, f"resumed-{step}", resume_from_checkpoint=str(checkpoint))
     resumed = torch.load(output / PROBE_FILE)
-    assert max_diff(resumed["logits"], whole["logits"]) <= TOL
-    for name, w in whole["weights"].items():
+    assert max_diff(resumed["logits"], inplace["probe"]["logits"]) <= TOL
+    for name, w in inplace["probe"]["weights"].items():
         assert max_diff(resumed["weights"][name], w) <= TOL, name
 
 
 def test_continue_from_lora_model_dir(inplace, workspace):
-    """``lora_model_dir``: training continues from the saved adapter, W moved as it was (lr 0: nothing changes)."""
-    _, output = train(workspace, "continued", lora_model_dir=str(inplace["output"]), learning_rate=0.0, max_steps=2)
-    after = torch.load(output / PROBE_FILE)
-    assert max_diff(after["logits"], inplace["probe"]["logits"]) <= TOL
+    """``lora_model_dir``: training starts from the saved model (W moved as saved), and W moves on from there."""
+    _, output = train(workspace, "continued", lora_model_dir=str(inplace["output"]), max_steps=2)
+    loaded, after = torch.load(output / PROBE_LOADED_FILE), torch.load(output / PROBE_FILE)
+    assert max_diff(loaded["logits"], inplace["probe"]["logits"]) <= TOL
+    assert all(max_diff(after["weights"][name], w) > 1e-4 for name, w in loaded["weights"].items())
+
+
+@pytest.mark.parametrize("command", ["inference", "evaluate"])
+def test_inference_and_evaluate_load_the_trained_model(inplace, workspace, command):
+    """``axolotl inference`` (no prompt given: it loads the model and stops) and ``axolotl evaluate``, each with
+    ``--lora-model-dir``, use the trained model."""
+    loaded = inplace["output"] / PROBE_LOADED_FILE
+    loaded.unlink(missing_ok=True)
+    extra = ["--val-set-size", "0.25"] if command == "evaluate" else []
+    run_axolotl(command, str(inplace["config"]), "--lora-model-dir", str(inplace["output"]), *extra, cwd=workspace)
+    assert max_diff(torch.load(loaded)["logits"], inplace["probe"]["logits"]) <= TOL
+    if command == "evaluate":
+        assert (inplace["output"] / "eval_summary.csv").is_file()
 
 
 # -- the config schema: what is refused when the config loads, before a model is built -----------------------------
