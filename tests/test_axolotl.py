@@ -240,3 +240,14 @@ def test_defaults_are_delta_lora_config_defaults():
 
     defaults = DeltaLoraConfig()
     assert DeltaLoraOptions().model_dump() == {name: getattr(defaults, name) for name in DeltaLoraOptions.model_fields}
+
+
+def test_lora_model_dir_with_a_plain_lora_is_refused(workspace, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from deltalora_hf.integrations.axolotl import DeltaLoraPlugin
+
+    get_peft_model(base_model(workspace), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    cfg = load_config(workspace, lora_model_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="holds a LORA adapter, not a Delta-LoRA one"):
+        DeltaLoraPlugin().load_adapter(base_model(workspace), cfg)
