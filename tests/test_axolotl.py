@@ -249,5 +249,5 @@ def test_lora_model_dir_with_a_plain_lora_is_refused(workspace, tmp_path):
 
     get_peft_model(base_model(workspace), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
     cfg = load_config(workspace, lora_model_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="holds a LORA adapter, not a Delta-LoRA one"):
+    with pytest.raises(ValueError, match="holds a LoraConfig adapter, not a Delta-LoRA"):
         DeltaLoraPlugin().load_adapter(base_model(workspace), cfg)

@@ -10,7 +10,8 @@ Axolotl's ``axolotl.plugins`` entry point, so Axolotl loads it for every config;
       start_step: 500     # K
       base_update: inplace  # or factored
 
-The plugin uses these hooks of ``axolotl.integrations.base.BasePlugin``, and nothing else of Axolotl's:
+The plugin uses these hooks of ``axolotl.integrations.base.BasePlugin`` and, to read the LoRA keys, Axolotl's LoRA
+loader in its config-only mode (``axolotl.loaders.adapter.load_lora(..., config_only=True)``); nothing is patched:
 
 - ``get_input_args``: :class:`DeltaLoraArgs`, the ``deltalora:`` block, merged into Axolotl's schema; its validator
   refuses, when the config loads, what would train or merge a different model than the one asked for
@@ -24,10 +25,8 @@ The plugin uses these hooks of ``axolotl.integrations.base.BasePlugin``, and not
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 try:
@@ -43,7 +42,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..callback import DeltaLoRACallback
-from ..config import DELTALORA, BaseUpdate, DeltaLoraConfig
+from ..config import BaseUpdate, DeltaLoraConfig
 from ..functional import Rounding
 
 ADAPTER = "deltalora"
@@ -102,9 +101,7 @@ def refusal(data: dict[str, Any]) -> str | None:
             "shard and ignores the move of W (lambda*s*(B*A - B_K*A_K)), so the merged model would be wrong. Remove "
             "merge_method (adapter: deltalora merges with 'legacy', PEFT's merge_and_unload, which is exact)."
         )
-    kernels = [
-        k for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel") if data.get(k)
-    ]
+    kernels = [key for key in _LORA_KERNEL_KEYS if data.get(key)]
     if kernels:
         return (
             f"{', '.join(kernels)} cannot be used with adapter: deltalora: Axolotl's LoRA "
@@ -160,12 +157,6 @@ def delta_lora_config(lora_config: LoraConfig, options: DeltaLoraOptions) -> Del
     return DeltaLoraConfig(**lora, **options.model_dump())
 
 
-def saved_peft_type(adapter_dir: str) -> str | None:
-    """``peft_type`` of the adapter saved in ``adapter_dir``, or ``None`` when there is no local adapter config."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    return json.loads(path.read_text()).get("peft_type") if path.is_file() else None
-
-
 class DeltaLoraPlugin(BasePlugin):
     """``adapter: deltalora`` for Axolotl; inert for every other adapter (see the module docstring)."""
 
@@ -183,15 +174,14 @@ class DeltaLoraPlugin(BasePlugin):
         if config_only:
             return None, config
         if cfg.lora_model_dir:
-            peft_type = saved_peft_type(cfg.lora_model_dir)
-            if peft_type not in (None, DELTALORA.value):
-                raise ValueError(
-                    f"lora_model_dir {cfg.lora_model_dir} holds a {peft_type} adapter, not a Delta-LoRA one: "
-                    "adapter: deltalora continues only Delta-LoRA adapters. Use the adapter type it was trained "
-                    "with, or remove lora_model_dir to start a new Delta-LoRA adapter."
-                )
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
             saved = model.peft_config["default"]
+            if not isinstance(saved, DeltaLoraConfig):
+                raise ValueError(
+                    f"lora_model_dir {cfg.lora_model_dir} holds a {type(saved).__name__} adapter, not a Delta-LoRA "
+                    "one: adapter: deltalora continues only Delta-LoRA adapters. Use the adapter type it was trained "
+                    "with, or remove lora_model_dir to start a new Delta-LoRA adapter."
+                )
             LOG.info(
                 "Loaded the Delta-LoRA adapter of %s; its saved settings govern (update_ratio=%s, start_step=%s, "
                 "base_update=%s)",
@@ -200,7 +190,7 @@ class DeltaLoraPlugin(BasePlugin):
                 saved.start_step,
                 saved.base_update,
             )
-            return model, model.peft_config["default"]
+            return model, saved
         return get_peft_model(model, config), config
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
