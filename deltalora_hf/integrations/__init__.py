@@ -1,0 +1,5 @@
+"""Integrations with training frameworks that extend through their own plugin APIs (optional dependencies).
+
+- :mod:`deltalora_hf.integrations.axolotl`: ``adapter: deltalora`` in an Axolotl YAML config
+  (``pip install "deltalora-hf[axolotl]"``, Python >= 3.12).
+"""
