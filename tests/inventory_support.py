@@ -191,7 +191,7 @@ def train_models(mode: str, folder: Path, targets: list[str], trained: Callable[
         model.save_pretrained(folder / f"plain-{data_seed}", save_embedding_layers=False)
         models.append(model)
     state, other_state = adapter_state(models[0]), adapter_state(models[1])
-    assert all(t["anchored"] for t in state.values())
+    assert state and all(t["anchored"] for t in state.values())
     return Trained(
         mode,
         targets,
