@@ -1,9 +1,6 @@
 """What ``test_inventory`` needs besides its table: the API surface read from the installed libraries, the kinds of
-entry, and the trained models with their independent dense reference.
-
-The reference is ``test_invariant``'s, written densely so that it also covers embeddings: a fresh base whose every
-targeted weight is ``W_0 + m s B A + lambda m s (B A - B_K A_K)`` (the move only when the adapter is anchored; ``m``
-a scale multiplier, 1 unless an operation rescales the adapter). It shares no code with the package.
+entry, and the trained models (the session's, ``trained`` in ``conftest.py``) with what the independent dense
+reference of ``tests/helpers.py`` gives for them.
 """
 
 from __future__ import annotations
@@ -21,13 +18,10 @@ from unittest import mock
 import peft
 import torch
 from packaging.version import Version
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from torch import nn
 
-from deltalora_hf import DeltaLoraLayer
-
-from .helpers import tiny_llama
-from .test_invariant import LAMBDA, SCALE, TARGETS, delta_config, logits, train
+from .helpers import SCALE, TARGETS, adapter_state, delta_config, delta_layers, logits, reference, tiny_llama
 
 # -- the surface, read from the installed libraries --------------------------------------------------------------
 
@@ -158,55 +152,6 @@ class ByMode:
 TARGETS_WITH_EMBEDDING = [*TARGETS, "embed_tokens"]
 
 
-def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, dict[str, Any]]:
-    """Per Delta-LoRA module (name relative to the transformers model): copies of A, B, A_K, B_K (Linear layout:
-    ``delta W = B @ A``), the anchored flag, and whether W is stored transposed (embeddings)."""
-    out = {}
-    for name, module in model.named_modules():
-        if not (hasattr(module, "lora_anchor_A") and adapter in module.lora_anchor_A):
-            continue
-        embedding = adapter in module.lora_embedding_A
-        a = module.lora_embedding_A[adapter] if embedding else module.lora_A[adapter].weight
-        b = module.lora_embedding_B[adapter] if embedding else module.lora_B[adapter].weight
-        out[name.removeprefix("base_model.model.")] = dict(
-            a=a.detach().float().clone(),
-            b=b.detach().float().clone(),
-            a_k=module.lora_anchor_A[adapter].detach().float().clone(),
-            b_k=module.lora_anchor_B[adapter].detach().float().clone(),
-            anchored=bool(module.lora_anchored[adapter]),
-            transposed=embedding,
-        )
-    return out
-
-
-def dense_reference(
-    state: dict[str, dict[str, Any]] | None,
-    multiplier: float | dict[str, float] = 1.0,
-    lora: bool = True,
-    move: bool = True,
-) -> nn.Module:
-    """A fresh base with ``W_0 + m s B A`` (``lora``) ``+ lambda m s (B A - B_K A_K)`` (``move``, if anchored);
-    ``multiplier`` m for all layers or per module name."""
-    model = tiny_llama()
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, t in (state or {}).items():
-            m = multiplier if isinstance(multiplier, float | int) else multiplier[name]
-            ba = t["b"].double() @ t["a"].double()
-            delta = torch.zeros_like(ba)
-            if lora:
-                delta += m * SCALE * ba
-            if move and t["anchored"]:
-                delta += LAMBDA * m * SCALE * (ba - t["b_k"].double() @ t["a_k"].double())
-            weight = modules[name].weight
-            weight += (delta.T if t["transposed"] else delta).to(weight.dtype)
-    return model
-
-
-def reference(state: dict[str, dict[str, Any]] | None, **kwargs: Any) -> torch.Tensor:
-    return logits(dense_reference(state, **kwargs))
-
-
 def with_weights(weights: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh base whose weights named in ``weights`` (module name -> W) are replaced: a model derived from W's."""
     model = tiny_llama()
@@ -215,11 +160,6 @@ def with_weights(weights: dict[str, torch.Tensor]) -> nn.Module:
         for name, weight in weights.items():
             modules[name].weight.copy_(weight)
     return model
-
-
-def delta_layers(model: nn.Module) -> dict[str, DeltaLoraLayer]:
-    """Delta-LoRA layers by module name relative to the transformers model."""
-    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer)}
 
 
 @dataclass
@@ -241,16 +181,17 @@ class Trained:
     want_base: torch.Tensor
 
 
-def train_models(mode: str, folder: Path, targets: list[str]) -> Trained:
+def train_models(mode: str, folder: Path, targets: list[str], trained: Callable[..., PeftModel]) -> Trained:
+    """Copies of the session's trained models for ``mode`` and ``targets`` (data seeds 0 and 5), saved in ``folder``
+    with and without W."""
     models = []
     for data_seed in (0, 5):
-        model = get_peft_model(tiny_llama(), delta_config(mode, target_modules=targets))
-        train(model, folder / f"run-{data_seed}", steps=6, seed=data_seed)
+        model = trained(mode, data_seed=data_seed, targets=targets)
         model.save_pretrained(folder / f"saved-{data_seed}")
         model.save_pretrained(folder / f"plain-{data_seed}", save_embedding_layers=False)
         models.append(model)
     state, other_state = adapter_state(models[0]), adapter_state(models[1])
-    assert all(t["anchored"] for t in state.values())
+    assert state and all(t["anchored"] for t in state.values())
     return Trained(
         mode,
         targets,

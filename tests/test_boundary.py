@@ -1,7 +1,8 @@
 """What other libraries do to an adapter gives the trained model or a clear error (issue 16), both modes.
 
-Each test compares with the independent dense reference of ``test_invariant``: a fresh base whose targeted weights
-are ``W_0 + lambda s (B A - B_K A_K)``, plus plain PEFT LoRA with the same factors.
+Each test compares with the independent dense reference of ``tests/helpers.py``: a fresh base whose targeted weights
+are ``W_0 + s B A + lambda s (B A - B_K A_K)``. The trained models are the session's (``trained`` in
+``conftest.py``), each test working on its own copy.
 """
 
 from __future__ import annotations
@@ -19,8 +20,17 @@ from peft.utils.hotswap import hotswap_adapter_from_state_dict, prepare_model_fo
 
 from deltalora_hf import DeltaLoraLayer
 
-from .helpers import tiny_llama
-from .test_invariant import MODES, adapter_tensors, assert_close, delta_config, logits, reference_logits, trained
+from .helpers import (
+    MODES,
+    adapter_state,
+    assert_close,
+    delta_config,
+    delta_layers,
+    logits,
+    reference,
+    tiny_llama,
+    train,
+)
 
 
 def state_of(model) -> dict[str, torch.Tensor]:
@@ -34,8 +44,8 @@ def assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_anchors_are_saved_buffers_named_like_the_factors(mode, tmp_path):
-    model = trained(tmp_path, mode)
+def test_anchors_are_saved_buffers_named_like_the_factors(mode, trained):
+    model = trained(mode)
     buffers = [n for n, _ in model.named_buffers() if ".lora_anchor" in n]
     assert buffers and all(n.endswith(".default.weight") for n in buffers)
     assert not any(".lora_anchor" in n for n, _ in model.named_parameters())  # PEFT's counts are LoRA's
@@ -48,27 +58,26 @@ def test_anchors_are_saved_buffers_named_like_the_factors(mode, tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_copy_by_parameter_names_carries_the_whole_adapter(mode, tmp_path):
+def test_a_copy_by_parameter_names_carries_the_whole_adapter(mode, trained):
     """TRL's reference adapter: add an adapter, copy every ``.default.`` parameter into it through ``.data``; the
     anchors (buffers) are not copied, and the copy is recognised at set_adapter."""
-    model = trained(tmp_path, mode)
-    tensors = adapter_tensors(model)
+    model = trained(mode)
+    tensors = adapter_state(model)
     model.add_adapter("ref", model.peft_config["default"])
     for name, param in model.named_parameters():
         if ".default." in name:
             model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
     model.set_adapter("ref")
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
     model.set_adapter("default")
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
 
 
 @pytest.mark.parametrize("how", ["copy_", "assign"])
-def test_data_writes_never_leave_a_saved_model_that_differs_from_memory(how, tmp_path):
-    model = trained(tmp_path, "inplace")
-    other = adapter_tensors(trained(tmp_path, "inplace", data_seed=5))
-    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer)}
-    for name, layer in layers.items():
+def test_data_writes_never_leave_a_saved_model_that_differs_from_memory(how, trained, tmp_path):
+    model = trained("inplace")
+    other = adapter_state(trained("inplace", data_seed=5))
+    for name, layer in delta_layers(model).items():
         for param, value in (
             (layer.lora_A["default"].weight, other[name]["a"]),
             (layer.lora_B["default"].weight, other[name]["b"]),
@@ -78,26 +87,26 @@ def test_data_writes_never_leave_a_saved_model_that_differs_from_memory(how, tmp
             else:
                 param.data = value.clone()
     model.save_pretrained(tmp_path / "saved")  # compares by value: W is brought in step before it is saved
-    want = reference_logits(adapter_tensors(model))
+    want = reference(adapter_state(model))
     assert_close(logits(model), want)
     assert_close(logits(PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")), want)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_hotswap_from_state_dict_gives_the_swapped_in_adapter(mode, tmp_path):
-    model = trained(tmp_path, mode)
-    second = trained(tmp_path, mode, data_seed=5)
-    want = reference_logits(adapter_tensors(second))
+def test_hotswap_from_state_dict_gives_the_swapped_in_adapter(mode, trained):
+    model = trained(mode)
+    second = trained(mode, data_seed=5)
+    want = reference(adapter_state(second))
     state = {k.replace(".weight", ".default.weight"): v for k, v in get_peft_model_state_dict(second).items()}
     hotswap_adapter_from_state_dict(model, state, "default", model.peft_config["default"])
     assert_close(logits(model), want)
     with model.disable_adapter():
-        assert_close(logits(model), reference_logits(None))
+        assert_close(logits(model), reference(None))
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_compiled_hotswap_preparation_is_refused_and_changes_nothing(mode, tmp_path):
-    model = trained(tmp_path, mode)
+def test_compiled_hotswap_preparation_is_refused_and_changes_nothing(mode, trained):
+    model = trained(mode)
     before = state_of(model)
     with pytest.raises(TypeError, match="tensor scalings.*not changed"):
         prepare_model_for_compiled_hotswap(model, target_rank=8)
@@ -112,8 +121,8 @@ def test_compiled_hotswap_preparation_is_refused_and_changes_nothing(mode, tmp_p
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("combination", ["cat", "linear", "svd"])
-def test_add_weighted_adapter_over_moved_adapters_is_refused_and_changes_nothing(mode, combination, tmp_path):
-    model = trained(tmp_path, mode)
+def test_add_weighted_adapter_over_moved_adapters_is_refused_and_changes_nothing(mode, combination, trained):
+    model = trained(mode)
     before, configs = state_of(model), dict(model.peft_config)
     with pytest.raises(ValueError, match="add_weighted_adapter cannot combine.*default.*export_lora"):
         model.add_weighted_adapter(["default"], [1.0], "mix", combination_type=combination)
@@ -124,26 +133,24 @@ def test_add_weighted_adapter_over_moved_adapters_is_refused_and_changes_nothing
 @pytest.mark.parametrize("mode", MODES)
 def test_add_weighted_adapter_over_unmoved_adapters_is_plain_lora(mode, tmp_path):
     model = get_peft_model(tiny_llama(), delta_config(mode, start_step=100))  # trains, never anchors
-    from .test_invariant import train
-
     train(model, tmp_path / "run")
-    tensors = adapter_tensors(model)
-    assert not any(t["anchored"] for t in tensors.values())
+    tensors = adapter_state(model)
+    assert tensors and not any(t["anchored"] for t in tensors.values())
     model.add_weighted_adapter(["default"], [1.0], "mix", combination_type="cat")
     model.set_adapter("mix")
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_rank_mismatch_names_r_and_leaves_nothing_behind(mode, tmp_path):
-    model = trained(tmp_path, mode)
+def test_rank_mismatch_names_r_and_leaves_nothing_behind(mode, trained, tmp_path):
+    model = trained(mode)
     model.save_pretrained(tmp_path / "saved")
     path = tmp_path / "saved" / "adapter_config.json"
     config = json.loads(path.read_text())
     config["r"] = 8  # the tensors have rank 4
     path.write_text(json.dumps(config))
-    host = trained(tmp_path, mode, data_seed=5)
-    want = reference_logits(adapter_tensors(host))
+    host = trained(mode, data_seed=5)
+    want = reference(adapter_state(host))
     before = state_of(host)
     for _ in range(2):  # a second try meets the same clear error, not a leftover adapter
         with pytest.raises(ValueError, match="gives rank 8.*saved tensors have rank 4.*left as it was"):
@@ -156,15 +163,15 @@ def test_rank_mismatch_names_r_and_leaves_nothing_behind(mode, tmp_path):
     with pytest.raises(ValueError, match="gives rank 8"):
         PeftModel.from_pretrained(base, tmp_path / "saved")
     assert [n for n, _ in base.named_modules()] == names  # the base is not left wrapped
-    assert_close(logits(base), reference_logits(None))
+    assert_close(logits(base), reference(None))
 
 
-def test_adapters_saved_by_v0_2_still_load(tmp_path):
+def test_adapters_saved_by_v0_2_still_load(trained, tmp_path):
     """v0.2 saved ``peft_type: "DELTALORA"`` and the anchors as buffers (``...lora_anchor_A``, a bool flag)."""
     from safetensors.torch import load_file, save_file
 
-    model = trained(tmp_path, "inplace")
-    tensors = adapter_tensors(model)
+    model = trained("inplace")
+    tensors = adapter_state(model)
     model.save_pretrained(tmp_path / "saved")
     folder = tmp_path / "saved"
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -180,11 +187,11 @@ def test_adapters_saved_by_v0_2_still_load(tmp_path):
         else:
             old[key] = value
     save_file(old, folder / "adapter_model.safetensors")
-    assert_close(logits(PeftModel.from_pretrained(tiny_llama(), folder)), reference_logits(tensors))
+    assert_close(logits(PeftModel.from_pretrained(tiny_llama(), folder)), reference(tensors))
 
 
-def test_the_model_card_says_what_the_adapter_is_and_how_to_load_it(tmp_path):
-    model = trained(tmp_path, "factored")
+def test_the_model_card_says_what_the_adapter_is_and_how_to_load_it(trained, tmp_path):
+    model = trained("factored")
     model.save_pretrained(tmp_path / "saved")
     model.save_pretrained(tmp_path / "saved")  # saving again does not repeat the section
     card = (tmp_path / "saved" / "README.md").read_text()
@@ -210,7 +217,7 @@ LOADERS = {
 
 
 @pytest.mark.slow
-def test_every_loader_without_the_import_says_what_to_install_and_import(tmp_path):
+def test_every_loader_without_the_import_says_what_to_install_and_import(trained, tmp_path):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(tiny_llama(), delta_config("inplace"))

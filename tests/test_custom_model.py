@@ -1,7 +1,8 @@
 """What PEFT's generic tests do with a LoraConfig on a custom model, with DeltaLoraConfig, in both modes.
 
 A small MLP (no transformers), trained in a plain loop with DeltaLoraUpdater past the start step. The reference is
-written here: ``relu`` MLP with effective weights ``W_0 + lambda s (B A - B_K A_K) + s B A`` and the trained head.
+the independent dense one of ``tests/helpers.py`` on a fresh MLP: effective weights ``W_0 + s B A + lambda s (B A -
+B_K A_K)``, and the trained head.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from torch import nn
 
 from deltalora_hf import DeltaLoraConfig, DeltaLoraUpdater
 
-R, ALPHA, LAMBDA, K = 4, 8, 0.5, 1
+from .helpers import ALPHA, LAMBDA, R, adapter_state, dense_model
+
+K = 1
 MODES = ["inplace", "factored"]
 
 
@@ -59,22 +62,11 @@ def train(model: nn.Module, steps: int = 6, lr: float = 2e-2) -> None:
 
 
 def reference(model: PeftModel, adapter: str = "default", enabled: bool = True) -> torch.Tensor:
-    """The trained model computed by hand from its adapter tensors on a fresh MLP (float32)."""
-    base = MLP()
-    weights = {}
-    for name in ("lin0", "lin1"):
-        layer = getattr(model.base_model.model, name)
-        w = getattr(base, name).weight.detach().clone()
-        if enabled:
-            a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
-            a_k, b_k = layer.lora_anchor_A[adapter].float(), layer.lora_anchor_B[adapter].float()
-            s = ALPHA / R
-            w = w + s * b @ a + (LAMBDA * s * (b @ a - b_k @ a_k) if bool(layer.lora_anchored[adapter]) else 0)
-        weights[name] = (w, getattr(base, name).bias.detach())
-    head = model.base_model.model.head.modules_to_save[adapter] if enabled else base.head
-    h = torch.relu(X @ weights["lin0"][0].T + weights["lin0"][1])
-    h = torch.relu(h @ weights["lin1"][0].T + weights["lin1"][1])
-    return (h @ head.weight.float().T + head.bias.float()).detach()
+    """The trained model from its adapter tensors, written densely on a fresh MLP (float32), with its head."""
+    dense = dense_model(adapter_state(model, adapter) if enabled else None, build=MLP)
+    if enabled:
+        dense.head.load_state_dict(model.base_model.model.head.modules_to_save[adapter].state_dict())
+    return out(dense)
 
 
 def out(model: nn.Module) -> torch.Tensor:

@@ -11,7 +11,6 @@ the plain rank-2r LoRA written by ``export_lora`` inside the job reproduces the 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -20,21 +19,23 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from .helpers import VOCAB, tiny_llama
-from .test_distributed import (
-    RATIO,
-    SCALE,
-    TOLERANCE,
+from .helpers import (
+    STEPS,
+    TOL,
+    VOCAB,
     WORLD,
+    K,
+    adapter_state_from_state_dict,
     assert_algorithm_1_moves,
     assert_ranks_bit_identical,
-    initial_weights,
+    dense_model,
+    load_run,
     max_difference,
     targeted,
+    tiny_llama,
     torchrun,
 )
 
-STEPS, START_STEP = 6, 2  # as in test_distributed: lambda = 0.5, s = 2, W moves on steps 3..5
 ZERO12 = ["zero1-inplace", "zero2-inplace", "zero2-factored", "zero2-factored-accumulate"]
 ZERO3 = [
     "zero3-factored",
@@ -74,7 +75,7 @@ def deepspeed_runs(tmp_path_factory) -> Path:
         "--steps",
         str(STEPS),
         "--start-step",
-        str(START_STEP),
+        str(K),
         timeout=400,
         DS_ACCELERATOR="cpu",
     )
@@ -89,16 +90,10 @@ def reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     out = tmp_path_factory.mktemp("single")
     return {
         mode: deepspeed_trainer.train(
-            str(out / mode), stage=None, mode=mode, per_device=2 * WORLD, steps=STEPS, start_step=START_STEP
+            str(out / mode), stage=None, mode=mode, per_device=2 * WORLD, steps=STEPS, start_step=K
         )[1]
         for mode in ("inplace", "factored")
     }
-
-
-def load_run(directory: Path, run: str) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
-    states = [load_file(directory / f"{run}.rank{r}.safetensors") for r in range(WORLD)]
-    reports = [json.loads((directory / f"{run}.rank{r}.json").read_text()) for r in range(WORLD)]
-    return states, reports
 
 
 def check_run(directory: Path, run: str, reference: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -108,7 +103,7 @@ def check_run(directory: Path, run: str, reference: dict[str, dict[str, torch.Te
     mode = run.split("-")[1]
     difference = max_difference(states[0], reference[mode])
     print(f"\n{run}: ranks bit-identical; vs one process max |difference| {difference:.2e}")
-    assert difference <= TOLERANCE
+    assert difference <= TOL
     moved = assert_algorithm_1_moves(states[0], inplace=mode == "inplace")
     assert (moved > 1e-4) == (mode == "inplace")
     return states[0]
@@ -137,22 +132,6 @@ def test_zero3_matches_one_process_with_parameters_partitioned_or_persistent(dee
         assert report["loaded_partitioned"] == run.endswith("-pretrained")  # from_pretrained under zero.Init
 
 
-def effective_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The trained model as a plain Llama state dict, from a trained state (independent of PEFT's merging):
-    W_0 + s B A + lambda s (B A - B_K A_K) on each targeted layer."""
-    w0 = initial_weights()
-    plain = {k.removeprefix("base_model.model."): v for k, v in w0.items() if ".base_layer." not in k}
-    for prefix in targeted(state):
-        a, b = state[f"{prefix}.lora_A.default.weight"].double(), state[f"{prefix}.lora_B.default.weight"].double()
-        a_k, b_k = (
-            state[f"{prefix}.lora_anchor_A.default.weight"].double(),
-            state[f"{prefix}.lora_anchor_B.default.weight"].double(),
-        )
-        w = w0[f"{prefix}.base_layer.weight"].double() + SCALE * b @ a + RATIO * SCALE * (b @ a - b_k @ a_k)
-        plain[f"{prefix.removeprefix('base_model.model.')}.weight"] = w.float()
-    return plain
-
-
 @needs_deepspeed
 @pytest.mark.parametrize("run", ["zero3-factored", "zero3-inplace"])
 def test_zero3_save_model_reloads_on_a_fresh_base_and_export_lora_reproduces_it(deepspeed_runs, reference, run):
@@ -162,8 +141,7 @@ def test_zero3_save_model_reloads_on_a_fresh_base_and_export_lora_reproduces_it(
     )
 
     ids = torch.arange(24).reshape(2, 12) % VOCAB
-    want = tiny_llama()
-    want.load_state_dict(effective_weights(reference[run.split("-")[1]]))
+    want = dense_model(adapter_state_from_state_dict(reference[run.split("-")[1]]))  # the one-process model, densely
     with torch.no_grad():
         expected = want(ids).logits
         reloaded = PeftModel.from_pretrained(tiny_llama(), deepspeed_runs / run / "adapter").eval()

@@ -28,21 +28,21 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from .helpers import VOCAB, tiny_llama
-from .scripts.fsdp2_loop import MODEL
-from .test_distributed import (
-    RATIO,
-    SCALE,
-    START_STEP,
+from .helpers import (
     STEPS,
+    VOCAB,
     WORLD,
+    K,
+    adapter_state_from_state_dict,
     assert_algorithm_1_moves,
     assert_ranks_bit_identical,
-    initial_weights,
+    dense_model,
+    load_run,
     max_difference,
-    targeted,
+    tiny_llama,
     torchrun,
 )
+from .scripts.fsdp2_loop import MODEL
 
 TOLERANCE = 1e-6  # float32: FSDP2's reduce-scatter sums the gradients in another order than one process
 SUFFIXES = (".self_attn.q_proj", ".self_attn.v_proj", ".mlp.up_proj")
@@ -70,12 +70,6 @@ needs_native_fsdp = pytest.mark.skipif(
 )
 
 
-def load_run(directory: Path, run: str) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
-    states = [load_file(directory / f"{run}.rank{r}.safetensors") for r in range(WORLD)]
-    reports = [json.loads((directory / f"{run}.rank{r}.json").read_text()) for r in range(WORLD)]
-    return states, reports
-
-
 def check_run(directory: Path, run: str, reference: dict[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
     """Ranks bit-identical, equal to one process, W moved as Algorithm 1 says; returns rank 0's state."""
     states, _ = load_run(directory, run)
@@ -91,21 +85,9 @@ def check_run(directory: Path, run: str, reference: dict[str, torch.Tensor], lab
 
 
 def effective_model(state: dict[str, torch.Tensor], mode: str) -> torch.nn.Module:
-    """The trained model as a plain Llama, from a trained state and independent of PEFT's merging: on each targeted
-    layer W_0 + s B A (plain LoRA), plus lambda s (B A - B_K A_K) (Delta-LoRA, either mode)."""
-    w0 = initial_weights(SUFFIXES, **MODEL)
-    plain = {k.removeprefix("base_model.model."): v for k, v in w0.items() if ".base_layer." not in k}
-    for prefix in targeted(state, SUFFIXES):
-        a, b = state[f"{prefix}.lora_A.default.weight"].double(), state[f"{prefix}.lora_B.default.weight"].double()
-        w = w0[f"{prefix}.base_layer.weight"].double() + SCALE * b @ a
-        if mode != "lora":
-            a_k = state[f"{prefix}.lora_anchor_A.default.weight"].double()
-            b_k = state[f"{prefix}.lora_anchor_B.default.weight"].double()
-            w += RATIO * SCALE * (b @ a - b_k @ a_k)
-        plain[f"{prefix.removeprefix('base_model.model.')}.weight"] = w.float()
-    model = tiny_llama(**MODEL)
-    model.load_state_dict(plain)
-    return model.eval()
+    """The trained model as a plain Llama: the dense reference of a trained state (independent of PEFT's merging),
+    on each targeted layer W_0 + s B A (plain LoRA), plus lambda s (B A - B_K A_K) (Delta-LoRA, either mode)."""
+    return dense_model(adapter_state_from_state_dict(state), build=lambda: tiny_llama(**MODEL)).eval()
 
 
 def check_saved(directory: Path, run: str, reference: dict[str, torch.Tensor], label: str) -> None:
@@ -142,7 +124,7 @@ def native_runs(tmp_path_factory) -> Path:
     tiny_llama(**MODEL).save_pretrained(out / "base")
     runs = ",".join(NATIVE_RUNS)
     args = ["--base", str(out / "base"), "--out", str(out), "--runs", runs, "--per-device", "2"]
-    torchrun("fsdp2_native_trainer", *args, "--steps", str(STEPS), "--start-step", str(START_STEP), timeout=300)
+    torchrun("fsdp2_native_trainer", *args, "--steps", str(STEPS), "--start-step", str(K), timeout=300)
     return out
 
 
@@ -153,8 +135,7 @@ def native_reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
 
     out = tmp_path_factory.mktemp("fsdp2_native_single")
     return {
-        run: fsdp2_native_trainer.train(str(out / run), run, 2 * WORLD, STEPS, START_STEP, save=False)[1]
-        for run in NATIVE_RUNS
+        run: fsdp2_native_trainer.train(str(out / run), run, 2 * WORLD, STEPS, K, save=False)[1] for run in NATIVE_RUNS
     }
 
 
@@ -183,7 +164,7 @@ def test_native_fsdp2_save_model_and_export_reload_on_a_fresh_base(native_runs, 
 def loop_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp2_loop")
     args = ["--out", str(out), "--runs", ",".join(LOOP_RUNS), "--shard-checks"]
-    torchrun("fsdp2_loop", *args, "--steps", str(STEPS), "--start-step", str(START_STEP), timeout=300)
+    torchrun("fsdp2_loop", *args, "--steps", str(STEPS), "--start-step", str(K), timeout=300)
     return out
 
 
@@ -193,7 +174,7 @@ def loop_reference() -> dict[str, dict[str, torch.Tensor]]:
 
     references = {}
     for mode in ("factored", "inplace"):
-        _, references[mode], report = fsdp2_loop.train(mode, STEPS, START_STEP, distributed=False)
+        _, references[mode], report = fsdp2_loop.train(mode, STEPS, K, distributed=False)
         assert report["error"] is None, report["error"]
     return references
 

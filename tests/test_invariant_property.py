@@ -1,7 +1,7 @@
 """Random sequences of ordinary operations on an in-place Delta-LoRA model never give a silently different model.
 
 After every operation: the logits equal an independent dense reference built from the active adapter's current
-tensors on a fresh base (``W_0 + lambda s (B A - B_K A_K)`` plus plain PEFT LoRA), and ``disable_adapter()``
+tensors on a fresh base (``W_0 + s B A + lambda s (B A - B_K A_K)``, ``tests/helpers.py``), and ``disable_adapter()``
 gives the original base model.
 """
 
@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from peft import PeftModel, get_peft_model
 
-from .helpers import tiny_llama
-from .test_invariant import adapter_tensors, assert_close, delta_config, logits, reference_logits, train
+from .helpers import adapter_state, assert_close, delta_config, logits, reference, tiny_llama, train
 
 pytestmark = pytest.mark.slow
 
@@ -93,9 +92,9 @@ class InPlaceModelMachine(RuleBasedStateMachine):
 
     @rule()
     def merge_then_unmerge(self) -> None:
-        tensors = adapter_tensors(self.model, self.active)
+        tensors = adapter_state(self.model, self.active)
         self.model.merge_adapter()
-        assert_close(logits(self.model), reference_logits(tensors))
+        assert_close(logits(self.model), reference(tensors))
         self.model.unmerge_adapter()
 
     @rule()
@@ -104,18 +103,18 @@ class InPlaceModelMachine(RuleBasedStateMachine):
         self.model.save_pretrained(out, selected_adapters=[self.active])
         path = out if self.active == "default" else out / self.active
         active = self.active
-        assert_close(logits(self.model.unload()), reference_logits(None))
+        assert_close(logits(self.model.unload()), reference(None))
         self.model = PeftModel.from_pretrained(tiny_llama(), path, adapter_name=active, is_trainable=True)
         self.names = [active]
 
     @invariant()
     def logits_are_the_active_adapter_alone_on_the_original_base(self) -> None:
-        assert_close(logits(self.model), reference_logits(adapter_tensors(self.model, self.active)))
+        assert_close(logits(self.model), reference(adapter_state(self.model, self.active)))
 
     @invariant()
     def disabled_adapters_give_the_original_base(self) -> None:
         with self.model.disable_adapter():
-            assert_close(logits(self.model), reference_logits(None))
+            assert_close(logits(self.model), reference(None))
 
 
 InPlaceModelMachine.TestCase.settings = settings(

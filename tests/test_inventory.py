@@ -38,7 +38,19 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import default_collate
 
-from .helpers import lm_rows, tiny_llama
+from .helpers import (
+    MODES,
+    TARGETS,
+    R,
+    adapter_state,
+    assert_close,
+    delta_layers,
+    dense_model,
+    lm_rows,
+    logits,
+    reference,
+    tiny_llama,
+)
 from .inventory_support import (
     TARGETS_WITH_EMBEDDING,
     ByMode,
@@ -46,18 +58,13 @@ from .inventory_support import (
     Exact,
     Refused,
     Unrelated,
-    adapter_state,
     both,
-    delta_layers,
-    dense_reference,
     installed_surface,
-    reference,
     scale_multipliers,
     train_models,
     transformers_integration,
     with_weights,
 )
-from .test_invariant import MODES, TARGETS, R, adapter_tensors, assert_close, logits, reference_logits
 
 WRITTEN_FOR = {"peft": "0.21.2", "transformers": "5.24.0", "torch": "2.14.1"}  # whose surface the table lists in full
 
@@ -153,7 +160,7 @@ def peft_from_pretrained(case: Case):
 
 def peft_generate(case: Case):
     tokens, got = generate(case.model)
-    want_tokens, want = generate(dense_reference(case.trained.state))
+    want_tokens, want = generate(dense_model(case.trained.state))
     assert torch.equal(tokens, want_tokens)
     return got, want
 
@@ -988,35 +995,26 @@ def test_every_unrelated_entry_gives_a_reason():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Each mode's models, trained once per module: targeting q_proj, v_proj and embed_tokens, or (linear_only)
-    q_proj and v_proj."""
+def trained_models(trained, tmp_path_factory):
+    """Each mode's models (copies of the session's), saved once per module: targeting q_proj, v_proj and
+    embed_tokens, or (linear_only) q_proj and v_proj."""
     cache = {}
 
     def get(mode: str, linear_only: bool = False):
         if (mode, linear_only) not in cache:
             targets = TARGETS if linear_only else TARGETS_WITH_EMBEDDING
             folder = tmp_path_factory.mktemp(f"inventory-{mode}-{'linear' if linear_only else 'all'}")
-            cache[mode, linear_only] = train_models(mode, folder, targets)
+            cache[mode, linear_only] = train_models(mode, folder, targets, trained)
         return cache[mode, linear_only]
 
     return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
-def test_the_dense_reference_is_test_invariants_reference(mode, trained):
-    """The reference here is test_invariant's written densely (so that it covers embeddings too): they agree."""
-    models = trained(mode, linear_only=True)
-    assert_close(reference(adapter_state(models.model)), reference_logits(adapter_tensors(models.model)))
-    assert_close(models.want, reference_logits(adapter_tensors(models.model)))
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(("name", "mode"), _installed(Exact))
-def test_exact(name, mode, trained, tmp_path, record_property):
+def test_exact(name, mode, trained_models, tmp_path, record_property):
     entry = _entry(name, mode)
-    case = Case(trained(mode, entry.linear_only), tmp_path)
+    case = Case(trained_models(mode, entry.linear_only), tmp_path)
     with transformers_integration():
         got, want = entry.check(case)
     record_property("max_abs_diff", f"{(got - want).abs().max().item():.3e}")
@@ -1037,9 +1035,9 @@ def _names(model: nn.Module) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "mode"), _installed(Refused))
-def test_refused(name, mode, trained, tmp_path, record_property):
+def test_refused(name, mode, trained_models, tmp_path, record_property):
     entry = _entry(name, mode)
-    case = Case(trained(mode, entry.linear_only), tmp_path)
+    case = Case(trained_models(mode, entry.linear_only), tmp_path)
     target = entry.target(case) if entry.target else case.model
     before, configs, modules, want = _state(target), _configs(target), _names(target), logits(target)
     with transformers_integration(), pytest.raises(Exception) as error:

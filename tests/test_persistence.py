@@ -210,9 +210,8 @@ def test_adapter_is_about_twice_a_lora_adapter(tmp_path):
     assert 1.8 <= sizes["delta"] / sizes["lora"] <= 2.3
 
 
-def test_loading_into_a_base_with_other_shapes_fails_clearly_and_changes_nothing(tmp_path):
-    model = get_peft_model(tiny_llama(), _config())
-    _train(model, tmp_path / "run", 6, lm_rows(24))
+def test_loading_into_a_base_with_other_shapes_fails_clearly_and_changes_nothing(trained, tmp_path):
+    model = trained()  # the session's: _config(), 6 steps on lm_rows(24)
     model.save_pretrained(tmp_path / "adapter")
     other = tiny_llama(hidden_size=48)  # same architecture, other shapes
     w_other = {n: p.clone() for n, p in other.named_parameters()}
@@ -224,9 +223,8 @@ def test_loading_into_a_base_with_other_shapes_fails_clearly_and_changes_nothing
             assert torch.equal(param, w_other[key])
 
 
-def test_damaged_adapter_file_fails_and_leaves_the_model_unchanged(tmp_path):
-    model = get_peft_model(tiny_llama(), _config())
-    _train(model, tmp_path / "run", 6, lm_rows(24))
+def test_damaged_adapter_file_fails_and_leaves_the_model_unchanged(trained, tmp_path):
+    model = trained()  # the session's: _config(), 6 steps on lm_rows(24)
     model.save_pretrained(tmp_path / "adapter")
     path = tmp_path / "adapter" / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:200])  # truncated download

@@ -9,7 +9,7 @@ For each trainer in the matrix, in both base-update modes, two ways:
   initial trained policy (DPO, KTO, GRPO, RLOO add a ``"ref"`` adapter and copy the parameters named ``.default.``
   into it; online DPO deep-copies the model).
 
-Two checks, both against an independent dense reference (``trl_support.dense_model``), to 1e-5 in fp32:
+Two checks, both against the independent dense reference (``trl_support.dense_model``), to 1e-5 in fp32:
 
 1. every forward TRL runs as its reference, at every step, gives the logits of the model TRL means
    (``trl_support.ReferenceProbe`` sees TRL's own reference forward, with TRL's inputs);
@@ -165,7 +165,7 @@ def trained_adapters(tmp_path_factory):
                 callbacks=[DeltaLoRACallback()],
             ).train()
             snap = ts.snapshot(model)
-            assert all(t.anchored for t in snap.layers.values()) and ts.moved(snap) > 1e-4
+            assert all(t["anchored"] for t in snap.layers.values()) and ts.moved(snap) > 1e-4
             model.save_pretrained(out / "adapter")
             cache[(base, mode)] = (str(out / "adapter"), snap)
         return cache[(base, mode)]
@@ -200,7 +200,7 @@ def test_trl_trainer_trains_the_model_it_means(name, mode, way, tmp_path, traine
 
     policy = trainer.model
     current = ts.snapshot(policy)
-    assert all(t.anchored for t in current.layers.values()) and ts.moved(current) > 1e-4
+    assert all(t["anchored"] for t in current.layers.values()) and ts.moved(current) > 1e-4
     policy_diff = ts.max_diff(ts.output(policy, probe_ids), ts.output(ts.dense_model(current, entry.base), probe_ids))
     states = sorted({c.state for c in probe.calls})
     print(

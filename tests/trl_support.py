@@ -1,8 +1,9 @@
-"""Tiny models, data, TRL runs and an independent dense reference for the TRL matrix (``test_trl_matrix.py``).
+"""Tiny models, data and TRL runs for the TRL matrix (``test_trl_matrix.py``), and its reference.
 
-The reference shares no code with the package: a fresh base (same seed and config) whose targeted weights are set,
-densely, to ``W_0 + s B A + lambda s (B A - B_K A_K)`` (the last term only for an anchored adapter), with the
-adapter's ``modules_to_save`` copies written into their modules. Nothing of PEFT or deltalora_hf is in it.
+The reference is the independent dense one of ``tests/helpers.py`` on a fresh base (same seed and config): the
+targeted weights set, densely, to ``W_0 + s B A + lambda s (B A - B_K A_K)`` (the last term only for an anchored
+adapter), plus the adapter's ``modules_to_save`` copies written into their modules. Nothing of PEFT or deltalora_hf
+is in it.
 """
 
 from __future__ import annotations
@@ -29,14 +30,11 @@ from transformers import (
 
 from deltalora_hf import DeltaLoraConfig
 
-from .helpers import TINY_LLAMA, VOCAB
+from . import helpers
+from .helpers import TINY_LLAMA, TOL, VOCAB  # noqa: F401 (TOL: the matrix's tolerance, ts.TOL)
 
-R, ALPHA, LAMBDA = 4, 8, 0.5
-SCALE = ALPHA / R
-TARGETS = ["q_proj", "v_proj"]
 STEPS = 3  # optimizer steps of every run in the matrix
 START_STEP = 0  # of a fresh adapter: W moves on steps 1 and 2 of the run
-TOL = 1e-5
 
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
@@ -75,16 +73,7 @@ def reward_model(seed: int = 0) -> LlamaForSequenceClassification:
 
 
 def delta_config(mode: str, start_step: int = START_STEP, **overrides: Any) -> DeltaLoraConfig:
-    values = dict(
-        r=R,
-        lora_alpha=ALPHA,
-        target_modules=TARGETS,
-        update_ratio=LAMBDA,
-        start_step=start_step,
-        base_update=mode,
-    )
-    values.update(overrides)
-    return DeltaLoraConfig(**values)
+    return helpers.delta_config(mode, start_step=start_step, **overrides)
 
 
 def _text(seed: int, n: int, length: int, completion: bool = False) -> list[str]:
@@ -103,57 +92,35 @@ def probe_ids(n: int = 4, length: int = 10) -> torch.Tensor:
 
 
 @dataclass
-class LayerTensors:
-    a: torch.Tensor
-    b: torch.Tensor
-    a_k: torch.Tensor
-    b_k: torch.Tensor
-    anchored: bool
-
-
-@dataclass
 class Snapshot:
-    """Copies of one adapter's tensors, keyed by module name relative to the transformers model."""
+    """Copies of one adapter's tensors: ``helpers.adapter_state`` of its Delta-LoRA layers, and its modules_to_save,
+    keyed by module name relative to the transformers model."""
 
-    layers: dict[str, LayerTensors] = field(default_factory=dict)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     modules_to_save: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-def _relative(name: str) -> str:
-    return name.removeprefix("base_model.model.")
 
 
 def snapshot(peft_model: nn.Module, adapter: str = "default") -> Snapshot:
     """The adapter's A, B, A_K, B_K, anchored flag and modules_to_save copies, read through the public layout."""
     from peft.utils import ModulesToSaveWrapper
 
-    out = Snapshot()
+    out = Snapshot(layers=helpers.adapter_state(peft_model, adapter))
     for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_anchor_A") and adapter in module.lora_A:
-            out.layers[_relative(name)] = LayerTensors(
-                a=module.lora_A[adapter].weight.detach().clone(),
-                b=module.lora_B[adapter].weight.detach().clone(),
-                a_k=torch.as_tensor(module.lora_anchor_A[adapter]).detach().clone(),
-                b_k=torch.as_tensor(module.lora_anchor_B[adapter]).detach().clone(),
-                anchored=bool(module.lora_anchored[adapter]),
-            )
-        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             state = module.modules_to_save[adapter].state_dict()
-            out.modules_to_save[_relative(name)] = {k: v.detach().clone() for k, v in state.items()}
+            out.modules_to_save[name.removeprefix("base_model.model.")] = {
+                k: v.detach().clone() for k, v in state.items()
+            }
     return out
 
 
 def dense_model(snap: Snapshot | None, build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
-    """A fresh base from ``build`` with the adapter written densely into it (the base itself for ``None``)."""
-    model = build()
+    """A fresh base from ``build`` with the adapter written densely into it (``helpers.dense_model``) and its
+    modules_to_save copies loaded into their modules (the base itself for ``None``)."""
+    model = helpers.dense_model(snap.layers if snap is not None else None, build=build)
     if snap is not None:
         modules = dict(model.named_modules())
         with torch.no_grad():
-            for name, t in snap.layers.items():
-                delta = SCALE * (t.b @ t.a)
-                if t.anchored:
-                    delta += LAMBDA * SCALE * (t.b @ t.a - t.b_k @ t.a_k)
-                modules[name].weight += delta
             for name, state in snap.modules_to_save.items():
                 modules[name].load_state_dict(state)
     return model.eval()
@@ -161,10 +128,7 @@ def dense_model(snap: Snapshot | None, build: Callable[[], PreTrainedModel]) -> 
 
 def moved(snap: Snapshot) -> float:
     """Largest entry of the adapter's move lambda s (B A - B_K A_K) (0 when no layer is anchored)."""
-    return max(
-        ((LAMBDA * SCALE * (t.b @ t.a - t.b_k @ t.a_k)).abs().max().item() for t in snap.layers.values() if t.anchored),
-        default=0.0,
-    )
+    return helpers.move_size(snap.layers)
 
 
 def output(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
