@@ -3,7 +3,6 @@ changed. The reference is the independent dense model of ``reference_logits`` (n
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -14,36 +13,30 @@ from torch.utils.data import default_collate
 
 from deltalora_hf import DeltaLoraUpdater
 
-from .helpers import lm_rows, tiny_llama
-from .test_invariant import (
+from .helpers import (
     MODES,
-    adapter_tensors,
+    adapter_state,
     assert_close,
     delta_config,
+    lm_rows,
     logits,
-    moved_far,
-    reference_logits,
-    trained,
+    move_size,
+    reference,
+    tiny_llama,
 )
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """One trained model per mode (Trainer + callback, K=2, 6 steps); tests take deep copies."""
-    folder = tmp_path_factory.mktemp("paths")
-    return {mode: trained(folder, mode) for mode in MODES}
-
-
-def fresh_copy(models, mode):
-    model = copy.deepcopy(models[mode])
-    assert moved_far(adapter_tensors(model)) > 1e-3
+def fresh_copy(trained, mode):
+    """A private copy of the session's trained model (Trainer + callback, K=2, 6 steps), W moved."""
+    model = trained(mode)
+    assert move_size(adapter_state(model)) > 1e-3
     return model
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_fresh_adapter_filled_through_data_after_a_no_grad_forward_is_the_copy(models, mode):
-    model = fresh_copy(models, mode)
-    tensors = adapter_tensors(model)
+def test_a_fresh_adapter_filled_through_data_after_a_no_grad_forward_is_the_copy(trained, mode):
+    model = fresh_copy(trained, mode)
+    tensors = adapter_state(model)
     model.add_adapter("ref", delta_config(mode))
     model.set_adapter("ref")
     logits(model)  # an eval pass with the fresh adapter: nothing may keep what it saw
@@ -52,42 +45,42 @@ def test_a_fresh_adapter_filled_through_data_after_a_no_grad_forward_is_the_copy
         if ".default." in name:
             params[name.replace(".default.", ".ref.")].data.copy_(p.data)  # TRL's copy
     model.set_adapter("ref")
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_no_grad_forward_sees_data_writes_to_the_factors(models, mode):
-    model = fresh_copy(models, mode)
+def test_a_no_grad_forward_sees_data_writes_to_the_factors(trained, mode):
+    model = fresh_copy(trained, mode)
     logits(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     layer.lora_B["default"].weight.data.mul_(2.0)  # no version counter change, no entry point
-    assert_close(logits(model), reference_logits(adapter_tensors(model)))
+    assert_close(logits(model), reference(adapter_state(model)))
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_set_base_model_state_dict_of_get_base_model_state_dict_changes_nothing(models, mode):
-    model = fresh_copy(models, mode)
-    tensors = adapter_tensors(model)
+def test_set_base_model_state_dict_of_get_base_model_state_dict_changes_nothing(trained, mode):
+    model = fresh_copy(trained, mode)
+    tensors = adapter_state(model)
     set_base_model_state_dict(model, get_base_model_state_dict(model))
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
     saved = {k: v.clone() for k, v in get_base_model_state_dict(model).items()}  # a copy, as read from a file
     set_base_model_state_dict(model, saved)
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
     with model.disable_adapter():
-        assert_close(logits(model), reference_logits(None))
+        assert_close(logits(model), reference(None))
 
 
 @pytest.mark.parametrize("source", MODES)
 @pytest.mark.parametrize("target", MODES)
-def test_a_state_dict_of_either_mode_loads_into_either_mode(models, source, target):
-    state = {k: v.clone() for k, v in models[source].state_dict().items()}
-    tensors = adapter_tensors(models[source])
+def test_a_state_dict_of_either_mode_loads_into_either_mode(trained, source, target):
+    state = {k: v.clone() for k, v in trained(source).state_dict().items()}
+    tensors = adapter_state(trained(source))
     assert any(".lora_inplace_move." in k for k in state) == (source == "inplace")  # the keys say the mode
     model = get_peft_model(tiny_llama(), delta_config(target))
     model.load_state_dict(state)
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
     with model.disable_adapter():
-        assert_close(logits(model), reference_logits(None))
+        assert_close(logits(model), reference(None))
 
 
 def _plain_lora(tmp_path):
@@ -101,9 +94,9 @@ def _plain_lora(tmp_path):
 
 
 @pytest.mark.parametrize("order", ["lora-first", "delta-first"])
-def test_delta_lora_and_plain_lora_on_the_same_layers_are_refused_before_anything_is_created(models, order, tmp_path):
+def test_delta_lora_and_plain_lora_on_the_same_layers_are_refused_before_anything_is_created(trained, order, tmp_path):
     lora_path = _plain_lora(tmp_path)
-    models["inplace"].save_pretrained(tmp_path / "delta")
+    trained("inplace").save_pretrained(tmp_path / "delta")
     base = tiny_llama()
     first, second = (lora_path, tmp_path / "delta") if order == "lora-first" else (tmp_path / "delta", lora_path)
     base.load_adapter(str(first), adapter_name="first")
@@ -154,27 +147,27 @@ def test_a_custom_loop_resumed_in_a_new_process_anchors_at_the_same_step(tmp_pat
     opt.load_state_dict(checkpoint["optimizer"])
     _loop(resumed, rows[2:], opt, DeltaLoraUpdater(resumed))
     assert_close(logits(resumed), logits(whole))
-    assert_close(logits(resumed), reference_logits(adapter_tensors(resumed)))
+    assert_close(logits(resumed), reference(adapter_state(resumed)))
 
 
-def test_a_checkpoint_of_the_trainable_parameters_only_warns_and_names_what_is_missing(models):
-    model = fresh_copy(models, "inplace")
+def test_a_checkpoint_of_the_trainable_parameters_only_warns_and_names_what_is_missing(trained):
+    model = fresh_copy(trained, "inplace")
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     target = get_peft_model(tiny_llama(), delta_config())
     with pytest.warns(UserWarning, match="lora_anchor_A.*lora_warmup_steps|anchors"):
         target.load_state_dict(trainable, strict=False)
 
 
-def _saved(models, tmp_path, mode):
+def _saved(trained, tmp_path, mode):
     folder = tmp_path / f"saved-{mode}"
-    models[mode].save_pretrained(folder)
+    trained(mode).save_pretrained(folder)
     return folder, folder / "adapter_model.safetensors"
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("damage", ["no-anchors", "no-flag", "nan-anchor"])
-def test_a_damaged_adapter_file_is_refused_at_load_naming_the_keys(models, mode, damage, tmp_path):
-    folder, file = _saved(models, tmp_path, mode)
+def test_a_damaged_adapter_file_is_refused_at_load_naming_the_keys(trained, mode, damage, tmp_path):
+    folder, file = _saved(trained, tmp_path, mode)
     tensors = load_file(file)
     if damage == "no-anchors":
         tensors = {k: v for k, v in tensors.items() if "lora_anchor_" not in k}
@@ -190,14 +183,14 @@ def test_a_damaged_adapter_file_is_refused_at_load_naming_the_keys(models, mode,
     assert "q_proj" in str(error.value)
 
 
-def test_adapter_files_carry_the_step_count_and_k_means_the_adapters_own_steps(models, tmp_path):
-    folder, file = _saved(models, tmp_path, "inplace")
+def test_adapter_files_carry_the_step_count_and_k_means_the_adapters_own_steps(trained, tmp_path):
+    folder, file = _saved(trained, tmp_path, "inplace")
     steps = {k: v for k, v in load_file(file).items() if ".lora_warmup_steps." in k}
     assert steps and all(int(v) == 3 for v in steps.values())  # K + 1 = 3 warm-up steps, then anchored
     assert json.loads((folder / "adapter_config.json").read_text())["start_step"] == 2
 
 
-def test_saved_adapters_load_when_peft_defines_deltalora_itself(models, tmp_path):
+def test_saved_adapters_load_when_peft_defines_deltalora_itself(trained, tmp_path):
     """A future PEFT with its own ``PeftType.DELTALORA`` (simulated before the import): adapters saved with this
     version's peft_type value still load, with the package imported."""
     import subprocess
@@ -206,7 +199,7 @@ def test_saved_adapters_load_when_peft_defines_deltalora_itself(models, tmp_path
 
     import deltalora_hf
 
-    models["inplace"].save_pretrained(tmp_path / "saved")
+    trained("inplace").save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())["peft_type"]
     assert saved.startswith("DELTALORA: pip install deltalora-hf")
     script = f"""
@@ -238,24 +231,24 @@ def test_peft_lora_target_guards_apply():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_files_and_state_dicts_of_0_3_still_load(models, mode, tmp_path):
+def test_files_and_state_dicts_of_0_3_still_load(trained, mode, tmp_path):
     """0.3 wrote no step counts and no in-place marks: its adapter files load as before, and a whole-model state dict
     of an in-place model is read as 0.3 wrote it (W with the moves of the in-place adapters)."""
-    tensors = adapter_tensors(models[mode])
-    folder, file = _saved(models, tmp_path, mode)
+    tensors = adapter_state(trained(mode))
+    folder, file = _saved(trained, tmp_path, mode)
     old = {
         k: v for k, v in load_file(file).items() if ".lora_warmup_steps." not in k and ".lora_inplace_move." not in k
     }
     save_file(old, file)
-    assert_close(logits(PeftModel.from_pretrained(tiny_llama(), folder)), reference_logits(tensors))
+    assert_close(logits(PeftModel.from_pretrained(tiny_llama(), folder)), reference(tensors))
     state = {
         k: v.clone()
-        for k, v in models[mode].state_dict().items()
+        for k, v in trained(mode).state_dict().items()
         if ".lora_warmup_steps." not in k and "inplace_move" not in k
     }
     model = get_peft_model(tiny_llama(), delta_config(mode))
     model.load_state_dict(state, strict=False)
-    assert_close(logits(model), reference_logits(tensors))
+    assert_close(logits(model), reference(tensors))
 
 
 def test_the_process_wide_hooks_come_with_the_first_layer_not_the_import():
