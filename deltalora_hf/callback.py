@@ -92,6 +92,7 @@ class DeltaLoRACallback(TrainerCallback):
             warnings.warn(
                 f"Delta-LoRA: training ended after {state.global_step} optimizer steps and W never moved: no adapter "
                 f"passed its start_step ({', '.join(map(str, starts))}), so this run was plain LoRA. Lower start_step "
-                "(W moves on steps t > start_step, counted from 0) or train longer.",
+                "(W moves on the adapter's own steps t > start_step, counted from 0 and across runs) or train "
+                "longer.",
                 stacklevel=2,
             )

@@ -59,8 +59,8 @@ class DeltaLoraConfig(LoraConfig):
     Args:
         update_ratio: lambda, the update ratio: W moves by ``lambda * s * (B'A' - BA)`` after each optimizer step
             past ``start_step``; 0 gives plain LoRA. Default 2.0, the paper's E2E/GPT-2 setting.
-        start_step: K: W moves on optimizer steps ``t > K`` (counted from 0), so the first W update is on step
-            K + 1. Default 500, the paper's E2E/GPT-2 setting.
+        start_step: K: W moves on optimizer steps ``t > K`` (counted from 0, in the adapter's own steps, across
+            runs), so the first W update is on step K + 1. Default 500, the paper's E2E/GPT-2 setting.
         base_update: ``"inplace"`` (default, Algorithm 1): W is updated after every optimizer step.
             ``"factored"``: W is never written; the forward pass adds the telescoped move
             ``lambda * s * (B A - B_K A_K)``. Both train identically in exact arithmetic; ``"factored"`` is exact
@@ -87,7 +87,9 @@ class DeltaLoraConfig(LoraConfig):
             "help": (
                 "The start step K: W moves on optimizer steps t > K, with t counted from 0 as in Algorithm 1 "
                 "of the paper, so the first W update happens on step K + 1 (the (K+2)-th step). Before that the "
-                "factors warm up as in LoRA. Default 500 follows the paper's E2E/GPT-2 setting."
+                "factors warm up as in LoRA. t counts the adapter's own optimizer steps, saved with it "
+                "(lora_warmup_steps), so a resumed or later run continues the count. Default 500 follows the "
+                "paper's E2E/GPT-2 setting."
             )
         },
     )
