@@ -427,3 +427,20 @@ def test_quiet_hides_what_a_user_cannot_act_on(monkeypatch, tmp_path):
         [sys.executable, "-c", "import sys; print('after', file=sys.stderr)"], capture_output=True, text=True
     )
     assert done.stderr == "after\n"  # this process's stderr is back
+
+
+@pytest.mark.parametrize("arm", ["deltalora", "full"])
+def test_evaluation_cadence_leaves_training_unchanged(tiny_setup, arm):
+    """Runs that differ only in how often they evaluate train on the same dropout masks, to the same weights."""
+    model_dir, table, _ = tiny_setup
+    settings = compare.CompareSettings(model=str(model_dir), dataset=str(table), arms=[arm], **SMOKE)
+    task = data.load_task(settings)
+    runs = [
+        train_classifier(dataclasses.replace(settings, eval_every=every), arm, 0, 5e-3, str(model_dir), task)
+        for every in (1, 3, 8)
+    ]
+    curves = [r["validation_curve"] for r in runs]
+    assert len(curves[0]) > len(curves[1]) > len(curves[2])  # the cadences did differ
+    assert runs[0]["loss_curve"] == runs[1]["loss_curve"] == runs[2]["loss_curve"]
+    assert runs[0]["validation"] == runs[2]["validation"] and runs[0]["test"] == runs[2]["test"]
+    assert len({r["weights_sha256"] for r in runs}) == 1
