@@ -444,3 +444,94 @@ def test_evaluation_cadence_leaves_training_unchanged(tiny_setup, arm):
     assert runs[0]["loss_curve"] == runs[1]["loss_curve"] == runs[2]["loss_curve"]
     assert runs[0]["validation"] == runs[2]["validation"] and runs[0]["test"] == runs[2]["test"]
     assert len({r["weights_sha256"] for r in runs}) == 1
+
+
+BASELINE = {"label": "pos", "accuracy": 1 / 3, "macro_f1": 1 / 6}  # always one of 3 balanced classes
+
+
+def fake_scores(arm: str, seed: int, lr: float) -> tuple[float, float]:
+    """(validation, test) macro-F1 of a made-up run: lr 5e-3 is the best on seed 0 and collapses on seed 1; lora
+    with lr 1e-3 collapses on seed 2's test split only."""
+    if lr == 5e-3:
+        return (BASELINE["macro_f1"],) * 2 if seed == 1 else (0.80, 0.78)
+    if arm == "lora" and seed == 2:
+        return 0.55, BASELINE["macro_f1"]
+    return 0.70 + 0.01 * seed, 0.68 + 0.01 * seed
+
+
+def fake_run_all(jobs):
+    runs = []
+    for _settings, arm, seed, lr in jobs:
+        validation, test = fake_scores(arm, seed, lr)
+        runs.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                "lr": lr,
+                "validation": {"macro_f1": validation, "accuracy": validation},
+                "test": {"macro_f1": test, "accuracy": test},
+                "train_loss_final": 1.0,
+                "median_step_s": 0.1,
+                "peak_rss_bytes": 2**30,
+                "w_change_norm": 0.0,
+                "trainable_params": 10,
+                "total_params": 100,
+                "validation_curve": [(4, validation), (8, validation)],
+                "loss_curve": [(1, 1.1), (8, 1.0)],
+            }
+        )
+    return runs
+
+
+FAKE_SETTINGS = {
+    "arms": ["lora", "lora-scaled"],
+    "lr_grid": {"lora": [1e-3], "lora-scaled": [1e-3, 5e-3]},
+    "seeds": [0, 1, 2],
+    "steps": 8,
+    "isolate": False,
+}
+
+
+def test_selection_reads_every_seed():
+    """A learning rate that wins on seed 0 and collapses seed 1 is not chosen; every arm gets the same budget."""
+    settings = compare.CompareSettings(**FAKE_SETTINGS)
+    jobs = []
+
+    def run_all(batch):
+        jobs.extend(batch)
+        return fake_run_all(batch)
+
+    selection, finals = protocol.select_and_train(settings, run_all, "macro_f1", "v", log=lambda _: None)
+    assert selection["lora-scaled"]["lr"] == 1e-3  # seed 0 alone would choose 5e-3
+    assert [r["seed"] for r in finals["lora-scaled"]] == [0, 1, 2]
+    assert all(r["lr"] == 1e-3 for r in finals["lora-scaled"])
+    assert sorted((arm, seed, lr) for _, arm, seed, lr in jobs) == sorted(
+        (arm, seed, lr) for arm in settings.arms for lr in settings.lr_grid[arm] for seed in settings.seeds
+    )
+
+
+def test_collapse_is_reported_per_run(tmp_path, capsys):
+    """A collapsed run of the chosen setting is named per arm and seed (console and results.md), and the
+    2×-baseline line is checked run by run, not on the means."""
+    from deltalora_hf.compare import report
+
+    settings = compare.CompareSettings(**FAKE_SETTINGS, output_dir=str(tmp_path))
+    selection, finals = protocol.select_and_train(settings, fake_run_all, "macro_f1", "v", log=lambda _: None)
+
+    task_info = {
+        "source": "made up",
+        "model": "none",
+        "label_names": ["color", "neg", "pos"],
+        "sizes": {"train": 90, "validation": 30, "test": 30},
+        "majority_baseline": BASELINE,
+        "majority_baselines": {"validation": BASELINE, "test": BASELINE},
+    }
+    report.write_report(settings, task_info, selection, finals, 1.0, "deltalora-hf compare")
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines at 100 columns
+    text = (tmp_path / "results.md").read_text()
+    assert "Collapsed to the majority class (macro-F1 at the baseline's): LoRA seed 2 (test)" in printed
+    assert "| LoRA | 2 | 0.5500 | 0.1667 | collapsed (test) |" in text
+    assert "| LoRA | 0 | 0.7000 | 0.6800 |  |" in text
+    assert "every run's test macro-F1 is at least 2×" not in text
+    assert "1 of 6 runs are below 2×" in text and "1 of 6 runs are below 2×" in printed
+    assert "0.167 (collapsed)" in text  # lr 5e-3's seed 1, in the validation choices
