@@ -7,9 +7,10 @@ torch (10-30 s on a small machine):
   (``deltalora_hf/compare/settings.py``, standard library only) is loaded from its file, without running the
   package's ``__init__``; the command then parses the same arguments again with the package's own copy.
 * bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" on CPUs with AVX512-BF16 when the
-  optional ``kernels`` package is missing (``import peft`` imports it). Nothing of the command can act on that, and
-  only code that runs before the import can hide it (``--verbose`` shows it). The library leaves other libraries'
-  logging alone.
+  optional ``kernels`` package is missing or, offline, has not cached that kernel (``import peft`` imports
+  bitsandbytes); offline, ``kernels`` also logs "Skipping publisher trust check" for it. Nothing of the command can
+  act on either, and only code that runs before the import can hide them (``--verbose`` shows them). The library
+  itself leaves other libraries' logging alone.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+# logger -> the start of the one message of it that is hidden
+_HIDDEN = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+}
 
 
-def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+def _hide(logger: str, start: str) -> None:
+    logging.getLogger(logger).addFilter(lambda record: not str(record.msg).startswith(start))
 
 
 def _settings_module() -> ModuleType | None:
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deltalora-hf {args.command}: {error}", file=sys.stderr)
             return 2
     if "--verbose" not in argv:
-        logging.getLogger(_BNB_CPU_LOGGER).addFilter(_not_the_kernels_notice)
+        for logger, start in _HIDDEN.items():
+            _hide(logger, start)
     from deltalora_hf.compare import main as compare_main
 
     return compare_main(argv, command=shlex.join(["deltalora-hf", *argv]))

@@ -6,8 +6,10 @@ import csv
 import dataclasses
 import itertools
 import json
+import os
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -535,3 +537,48 @@ def test_collapse_is_reported_per_run(tmp_path, capsys):
     assert "every run's test macro-F1 is at least 2×" not in text
     assert "1 of 6 runs are below 2×" in text and "1 of 6 runs are below 2×" in printed
     assert "0.167 (collapsed)" in text  # lr 5e-3's seed 1, in the validation choices
+
+
+CLI_PROBE = """
+import sys
+import deltalora_hf_cli
+try:
+    code = deltalora_hf_cli.main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+heavy = sorted(name for name in ("torch", "transformers", "peft", "deltalora_hf") if name in sys.modules)
+print("imported:", ",".join(heavy) or "nothing heavy")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["--help"], 0, "compare"),
+        (["compare", "--help"], 0, "--sweep-start-step"),
+        (["compare", "--no-such-option"], 2, "unrecognized arguments"),
+        (["compare", "--arms", "lora,qlora"], 2, "--arms must be a subset"),
+        (["compare", "--steps", "10", "--start-step", "9"], 2, "leaves no W update"),
+    ],
+)
+def test_cli_answers_help_and_bad_arguments_before_the_heavy_imports(argv, code, says):
+    """``deltalora-hf --help``, ``compare --help`` and argument errors come before torch/transformers/PEFT load."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == code, done.stderr
+    assert says in done.stdout + done.stderr
+    assert "imported: nothing heavy" in done.stdout
+
+
+def test_cli_records_the_command_that_was_run(monkeypatch):
+    import deltalora_hf_cli
+
+    seen = {}
+    monkeypatch.setattr(compare, "main", lambda argv, command: seen.update(argv=argv, command=command) or 0)
+    assert deltalora_hf_cli.main(["compare", "--steps", "30", "--seeds", "0,1"]) == 0
+    assert seen == {
+        "argv": ["compare", "--steps", "30", "--seeds", "0,1"],
+        "command": "deltalora-hf compare --steps 30 --seeds 0,1",
+    }
