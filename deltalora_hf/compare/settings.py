@@ -17,7 +17,7 @@ ARM_TITLES: dict[Arm, str] = {
     "dora": "DoRA",
     "loraplus": "LoRA+",
 }
-# Learning-rate grids, one per arm, each selected on the validation split, three values per arm. Set by hand from
+# Learning-rate grids, one per arm, each selected on the validation split (mean over seeds), three values per arm. Set by hand from
 # runs of the default task here (benchmarks/results/compare_first_grid/): with 2e-3, 5e-3, 1e-2 every adapter arm
 # collapsed to the majority class at 1e-2 and the two scaled arms chose 2e-3, the lowest value, hence 1e-3..5e-3.
 # Full fine-tuning learned at all of 1e-4, 3e-4, 1e-3 (validation macro-F1 0.53, 0.78, 0.70).
@@ -41,7 +41,7 @@ class CompareSettings:
         dataset: hub id (``glue/sst2``, ``name:config``) or local ``.csv``/``.json``/``.jsonl`` with text and label
             columns; ``None``: WordNet noun supersenses (``classes`` of them, balanced).
         arms: the arms to train, a subset of :data:`ARMS`.
-        lr_grid: learning rates tried per arm (seed ``seeds[0]``); the best on the validation split is kept.
+        lr_grid: learning rates tried per arm, each with every seed; the best mean on the validation split is kept.
         update_ratio: Delta-LoRA's λ; ``lora-scaled`` uses ``lora_alpha·(1+λ)``.
         start_step: Delta-LoRA's K; ``None``: ``steps // 10``.
         seeds: training seeds; the table reports mean ± std and paired differences over them.
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "compare",
         help="train LoRA, LoRA with alpha·(1+λ), Delta-LoRA and full fine-tuning on one task and report",
-        description="Select each arm's learning rate on a validation split carved from train, train every arm "
-        "with several seeds, and report the test split once: mean ± std, paired differences with 95% intervals. "
+        description="Select each arm's learning rate on a validation split carved from train (mean over the seeds), "
+        "and report the test split once: mean ± std, collapsed runs, paired differences with 95% intervals. "
         "Default: MiniLM-L6 on 8 WordNet noun supersenses, offline.",
     )
     d = CompareSettings()
