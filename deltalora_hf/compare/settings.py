@@ -17,9 +17,10 @@ ARM_TITLES: dict[Arm, str] = {
     "dora": "DoRA",
     "loraplus": "LoRA+",
 }
-# Learning-rate grids, one per arm, each selected on the validation split (mean over seeds), three values per arm. Set by hand from
-# runs of the default task here (benchmarks/results/compare_first_grid/): with 2e-3, 5e-3, 1e-2 every adapter arm
-# collapsed to the majority class at 1e-2 and the two scaled arms chose 2e-3, the lowest value, hence 1e-3..5e-3.
+# Learning-rate grids, one per arm, each selected on the validation split (mean over seeds), three values per arm.
+# Set by hand from runs of the default task here (benchmarks/results/compare_first_grid/): with 2e-3, 5e-3, 1e-2
+# every adapter arm collapsed to the majority class at 1e-2 and the two scaled arms chose 2e-3, the lowest value,
+# hence 1e-3..5e-3.
 # Full fine-tuning learned at all of 1e-4, 3e-4, 1e-3 (validation macro-F1 0.53, 0.78, 0.70).
 ADAPTER_GRID = (1e-3, 2e-3, 5e-3)
 DEFAULT_LR_GRID: dict[Arm, tuple[float, ...]] = {
