@@ -161,8 +161,8 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
         f"{sizes['test']} test"
     )
     console.print(
-        f"  majority-class baseline (test): accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f}; "
-        "a run at this macro-F1 is marked collapsed"
+        f"  majority-class baseline (test): accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f} "
+        "(a run at it: collapsed)"
     )
     console.print(f"  model: {model_path}")
     console.print(
@@ -173,7 +173,8 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
         f"  r={settings.r}, alpha={settings.lora_alpha:g} (lora-scaled {settings.scaled_alpha:g}); "
         f"Delta-LoRA λ={settings.update_ratio:g}, K={settings.start_step}"
     )
-    console.print(f"  learning rates: {grids}; each tried with every seed, the best mean on validation kept")
+    console.print(f"  learning rates: {grids}")
+    console.print("  selection: every candidate with every seed; the best mean validation macro-F1 is kept")
     started = time.perf_counter()
 
     def run_all(jobs: list[tuple]) -> list[dict[str, Any]]:
