@@ -167,6 +167,9 @@ def collapse_sentence(checks: list[dict[str, Any]]) -> str:
     )
 
 
+WIDE_INTERVAL = 0.1  # a 95% interval wider than this cannot tell a difference of a few points of macro-F1
+
+
 def headline(diffs: list[dict[str, Any]], checks: list[dict[str, Any]], metric: str = "macro_f1") -> str | None:
     """The one-line verdict: Delta-LoRA against its scale-matched control (else against LoRA), in words."""
     rows = {(d["arm"], d["reference"]): d for d in diffs if d["metric"] == metric}
@@ -182,6 +185,8 @@ def headline(diffs: list[dict[str, Any]], checks: list[dict[str, Any]], metric: 
     else:
         words = "no difference detected"
     line = f"Delta-LoRA vs {reference}: {words} ({numbers} test macro-F1, {row['n']} seeds)"
+    if row["n"] > 1 and row["high"] - row["low"] > WIDE_INTERVAL:
+        line += "; the interval is wide: more --seeds narrow it"
     collapsed = [c for c in checks if c["collapsed"] and c["arm"] in (row["arm"], row["reference"])]
     if collapsed:
         line += f"; {len(collapsed)} of these runs collapsed, see above"
