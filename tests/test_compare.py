@@ -582,3 +582,26 @@ def test_cli_records_the_command_that_was_run(monkeypatch):
         "argv": ["compare", "--steps", "30", "--seeds", "0,1"],
         "command": "deltalora-hf compare --steps 30 --seeds 0,1",
     }
+
+
+def test_verdict_line_in_words():
+    from deltalora_hf.compare.report import differences, headline, run_checks
+
+    def finals_with(gaps):
+        runs = {arm: [] for arm in ("lora-scaled", "deltalora")}
+        for seed, gap in enumerate(gaps):
+            for arm, score in (("lora-scaled", 0.6 + 0.01 * seed), ("deltalora", 0.6 + 0.01 * seed + gap)):
+                runs[arm].append({"seed": seed, "validation": {"macro_f1": score}, "test": {"macro_f1": score}})
+        return runs
+
+    baselines = {split: BASELINE for split in ("validation", "test")}
+    same = finals_with([0.01, -0.01, 0.0, 0.005, -0.005])
+    line = headline(differences(same, ["macro_f1"]), run_checks(same, baselines))
+    assert line.startswith("Delta-LoRA vs its scale-matched control: no difference detected (+0.000 [")
+    assert "5 seeds" in line and "wide" not in line
+    higher = finals_with([0.05, 0.06, 0.05])
+    assert "Delta-LoRA higher (the 95% interval excludes 0)" in headline(
+        differences(higher, ["macro_f1"]), run_checks(higher, baselines)
+    )
+    noisy = finals_with([0.3, -0.3, 0.1])
+    assert "the interval is wide" in headline(differences(noisy, ["macro_f1"]), run_checks(noisy, baselines))
