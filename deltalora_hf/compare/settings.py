@@ -50,7 +50,8 @@ class CompareSettings:
         train_size, validation_size, test_size: examples per split (per class for the default task).
         sweep_update_ratio, sweep_start_step: λ and K values added to Delta-LoRA's selection grid (and the λ values
             to lora-scaled's, whose alpha follows λ); ``None``: only ``update_ratio`` / ``start_step``.
-        eval_every: steps between validation evaluations (the curve); ``None``: ``steps // 6`` (6 points).
+        eval_every: steps between validation evaluations (the curve); ``None``: ``steps // 3`` (3 points: a pass
+            costs about as much as 7 training steps of the default task, and it changes no weight).
         isolate: train the runs in spawned worker processes (peak RSS reset at the start of each run).
         jobs: worker processes training runs at once, ``threads`` torch threads each; only with ``isolate``.
         threads: ``torch.set_num_threads`` per run; ``None``: torch's default. 1 by default: on the shared 2-core
@@ -102,7 +103,7 @@ class CompareSettings:
         if self.start_step is None:
             self.start_step = max(0, self.steps // 10)
         if self.eval_every is None:
-            self.eval_every = max(1, self.steps // 6)
+            self.eval_every = max(1, self.steps // 3)
         if self.warmup_steps is None:
             self.warmup_steps = self.steps // 10
         self.lr_grid = {arm: list(self.lr_grid.get(arm, DEFAULT_LR_GRID[arm])) for arm in self.arms}
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--test-size", type=int, default=d.test_size, help="test examples, all classes (default: %(default)s)"
     )
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validation scores (default: steps // 6)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation scores (default: steps // 3)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: steps // 10)")
     p.add_argument(
         "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)g)"
