@@ -606,3 +606,13 @@ def test_verdict_line_in_words():
     )
     noisy = finals_with([0.3, -0.3, 0.1])
     assert "the interval is wide" in headline(differences(noisy, ["macro_f1"]), run_checks(noisy, baselines))
+
+
+def test_progress_lines_name_only_the_settings_an_arm_has():
+    from deltalora_hf.compare.run import run_label
+
+    settings = compare.CompareSettings(steps=60, update_ratio=1.0, lora_alpha=16)
+    labels = {arm: run_label(arm, 1, 2e-3, settings) for arm in compare.ARMS}
+    assert labels["deltalora"].endswith("λ=1 K=6") and labels["lora-scaled"].endswith("alpha=32")
+    for arm in ("lora", "full", "dora", "loraplus"):
+        assert "λ" not in labels[arm] and "K=" not in labels[arm] and "alpha" not in labels[arm]
