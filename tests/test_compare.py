@@ -6,8 +6,10 @@ import csv
 import dataclasses
 import itertools
 import json
+import os
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -349,7 +351,7 @@ def test_help_states_each_default_once(capsys):
     for block in blocks:
         assert block.count("(default") <= 1, block
         assert "(default: None)" not in block and "(default: True)" not in block and "(default: False)" not in block
-    assert "default: steps // 6" in text and "(default: 60)" in text
+    assert "default: steps // 3" in text and "(default: 60)" in text
     isolate = next(b for b in blocks if b.startswith("--no-isolate"))
     assert "(default" not in isolate and "this process instead" in isolate
 
@@ -392,9 +394,10 @@ def test_each_pair_once_and_console_tables_fit_100_columns():
         assert any(line.strip().startswith(title) and "±" in line and "%" in line for line in lines), title
 
 
-def test_defaults_give_six_validation_points_per_run():
+def test_default_curve_has_three_points_the_last_at_the_final_step():
+    """The final validation score (the one selection reads) is a point of the curve: no extra evaluation."""
     settings = compare.CompareSettings()
-    assert settings.steps // settings.eval_every >= 6
+    assert settings.steps // settings.eval_every == 3 and settings.steps % settings.eval_every == 0
 
 
 def test_quiet_hides_what_a_user_cannot_act_on(monkeypatch, tmp_path):
@@ -427,3 +430,189 @@ def test_quiet_hides_what_a_user_cannot_act_on(monkeypatch, tmp_path):
         [sys.executable, "-c", "import sys; print('after', file=sys.stderr)"], capture_output=True, text=True
     )
     assert done.stderr == "after\n"  # this process's stderr is back
+
+
+@pytest.mark.parametrize("arm", ["deltalora", "full"])
+def test_evaluation_cadence_leaves_training_unchanged(tiny_setup, arm):
+    """Runs that differ only in how often they evaluate train on the same dropout masks, to the same weights."""
+    model_dir, table, _ = tiny_setup
+    settings = compare.CompareSettings(model=str(model_dir), dataset=str(table), arms=[arm], **SMOKE)
+    task = data.load_task(settings)
+    runs = [
+        train_classifier(dataclasses.replace(settings, eval_every=every), arm, 0, 5e-3, str(model_dir), task)
+        for every in (1, 3, 8)
+    ]
+    curves = [r["validation_curve"] for r in runs]
+    assert len(curves[0]) > len(curves[1]) > len(curves[2])  # the cadences did differ
+    assert runs[0]["loss_curve"] == runs[1]["loss_curve"] == runs[2]["loss_curve"]
+    assert runs[0]["validation"] == runs[2]["validation"] and runs[0]["test"] == runs[2]["test"]
+    assert len({r["weights_sha256"] for r in runs}) == 1
+
+
+BASELINE = {"label": "pos", "accuracy": 1 / 3, "macro_f1": 1 / 6}  # always one of 3 balanced classes
+
+
+def fake_scores(arm: str, seed: int, lr: float) -> tuple[float, float]:
+    """(validation, test) macro-F1 of a made-up run: lr 5e-3 is the best on seed 0 and collapses on seed 1; lora
+    with lr 1e-3 collapses on seed 2's test split only."""
+    if lr == 5e-3:
+        return (BASELINE["macro_f1"],) * 2 if seed == 1 else (0.80, 0.78)
+    if arm == "lora" and seed == 2:
+        return 0.55, BASELINE["macro_f1"]
+    return 0.70 + 0.01 * seed, 0.68 + 0.01 * seed
+
+
+def fake_run_all(jobs):
+    runs = []
+    for _settings, arm, seed, lr in jobs:
+        validation, test = fake_scores(arm, seed, lr)
+        runs.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                "lr": lr,
+                "validation": {"macro_f1": validation, "accuracy": validation},
+                "test": {"macro_f1": test, "accuracy": test},
+                "train_loss_final": 1.0,
+                "median_step_s": 0.1,
+                "peak_rss_bytes": 2**30,
+                "w_change_norm": 0.0,
+                "trainable_params": 10,
+                "total_params": 100,
+                "validation_curve": [(4, validation), (8, validation)],
+                "loss_curve": [(1, 1.1), (8, 1.0)],
+            }
+        )
+    return runs
+
+
+FAKE_SETTINGS = {
+    "arms": ["lora", "lora-scaled"],
+    "lr_grid": {"lora": [1e-3], "lora-scaled": [1e-3, 5e-3]},
+    "seeds": [0, 1, 2],
+    "steps": 8,
+    "isolate": False,
+}
+
+
+def test_selection_reads_every_seed():
+    """A learning rate that wins on seed 0 and collapses seed 1 is not chosen; every arm gets the same budget."""
+    settings = compare.CompareSettings(**FAKE_SETTINGS)
+    jobs = []
+
+    def run_all(batch):
+        jobs.extend(batch)
+        return fake_run_all(batch)
+
+    selection, finals = protocol.select_and_train(settings, run_all, "macro_f1", "v", log=lambda _: None)
+    assert selection["lora-scaled"]["lr"] == 1e-3  # seed 0 alone would choose 5e-3
+    assert [r["seed"] for r in finals["lora-scaled"]] == [0, 1, 2]
+    assert all(r["lr"] == 1e-3 for r in finals["lora-scaled"])
+    assert sorted((arm, seed, lr) for _, arm, seed, lr in jobs) == sorted(
+        (arm, seed, lr) for arm in settings.arms for lr in settings.lr_grid[arm] for seed in settings.seeds
+    )
+
+
+def test_collapse_is_reported_per_run(tmp_path, capsys):
+    """A collapsed run of the chosen setting is named per arm and seed (console and results.md), and the
+    2×-baseline line is checked run by run, not on the means."""
+    from deltalora_hf.compare import report
+
+    settings = compare.CompareSettings(**FAKE_SETTINGS, output_dir=str(tmp_path))
+    selection, finals = protocol.select_and_train(settings, fake_run_all, "macro_f1", "v", log=lambda _: None)
+
+    task_info = {
+        "source": "made up",
+        "model": "none",
+        "label_names": ["color", "neg", "pos"],
+        "sizes": {"train": 90, "validation": 30, "test": 30},
+        "majority_baseline": BASELINE,
+        "majority_baselines": {"validation": BASELINE, "test": BASELINE},
+    }
+    report.write_report(settings, task_info, selection, finals, 1.0, "deltalora-hf compare")
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines at 100 columns
+    text = (tmp_path / "results.md").read_text()
+    assert "Collapsed to the majority class (macro-F1 at the baseline's): LoRA seed 2 (test)" in printed
+    assert "| LoRA | 2 | 0.5500 | 0.1667 | collapsed (test) |" in text
+    assert "| LoRA | 0 | 0.7000 | 0.6800 |  |" in text
+    assert "every run's test macro-F1 is at least 2×" not in text
+    assert "1 of 6 runs are below 2×" in text and "1 of 6 runs are below 2×" in printed
+    assert "0.167 (collapsed)" in text  # lr 5e-3's seed 1, in the validation choices
+
+
+CLI_PROBE = """
+import sys
+import deltalora_hf_cli
+try:
+    code = deltalora_hf_cli.main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+heavy = sorted(name for name in ("torch", "transformers", "peft", "deltalora_hf") if name in sys.modules)
+print("imported:", ",".join(heavy) or "nothing heavy")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["--help"], 0, "compare"),
+        (["compare", "--help"], 0, "--sweep-start-step"),
+        (["compare", "--no-such-option"], 2, "unrecognized arguments"),
+        (["compare", "--arms", "lora,qlora"], 2, "--arms must be a subset"),
+        (["compare", "--steps", "10", "--start-step", "9"], 2, "leaves no W update"),
+    ],
+)
+def test_cli_answers_help_and_bad_arguments_before_the_heavy_imports(argv, code, says):
+    """``deltalora-hf --help``, ``compare --help`` and argument errors come before torch/transformers/PEFT load."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == code, done.stderr
+    assert says in done.stdout + done.stderr
+    assert "imported: nothing heavy" in done.stdout
+
+
+def test_cli_records_the_command_that_was_run(monkeypatch):
+    import deltalora_hf_cli
+
+    seen = {}
+    monkeypatch.setattr(compare, "main", lambda argv, command: seen.update(argv=argv, command=command) or 0)
+    assert deltalora_hf_cli.main(["compare", "--steps", "30", "--seeds", "0,1"]) == 0
+    assert seen == {
+        "argv": ["compare", "--steps", "30", "--seeds", "0,1"],
+        "command": "deltalora-hf compare --steps 30 --seeds 0,1",
+    }
+
+
+def test_verdict_line_in_words():
+    from deltalora_hf.compare.report import differences, headline, run_checks
+
+    def finals_with(gaps):
+        runs = {arm: [] for arm in ("lora-scaled", "deltalora")}
+        for seed, gap in enumerate(gaps):
+            for arm, score in (("lora-scaled", 0.6 + 0.01 * seed), ("deltalora", 0.6 + 0.01 * seed + gap)):
+                runs[arm].append({"seed": seed, "validation": {"macro_f1": score}, "test": {"macro_f1": score}})
+        return runs
+
+    baselines = {split: BASELINE for split in ("validation", "test")}
+    same = finals_with([0.01, -0.01, 0.0, 0.005, -0.005])
+    line = headline(differences(same, ["macro_f1"]), run_checks(same, baselines))
+    assert line.startswith("Delta-LoRA vs its scale-matched control: no difference detected (+0.000 [")
+    assert "5 seeds" in line and "wide" not in line
+    higher = finals_with([0.05, 0.06, 0.05])
+    assert "Delta-LoRA higher (the 95% interval excludes 0)" in headline(
+        differences(higher, ["macro_f1"]), run_checks(higher, baselines)
+    )
+    noisy = finals_with([0.3, -0.3, 0.1])
+    assert "the interval is wide" in headline(differences(noisy, ["macro_f1"]), run_checks(noisy, baselines))
+
+
+def test_progress_lines_name_only_the_settings_an_arm_has():
+    from deltalora_hf.compare.run import run_label
+
+    settings = compare.CompareSettings(steps=60, update_ratio=1.0, lora_alpha=16)
+    labels = {arm: run_label(arm, 1, 2e-3, settings) for arm in compare.ARMS}
+    assert labels["deltalora"].endswith("λ=1 K=6") and labels["lora-scaled"].endswith("alpha=32")
+    for arm in ("lora", "full", "dora", "loraplus"):
+        assert "λ" not in labels[arm] and "K=" not in labels[arm] and "alpha" not in labels[arm]

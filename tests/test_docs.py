@@ -2,8 +2,9 @@
 
 Code blocks are found with pytest-examples and run in order, the blocks of one page sharing their globals (a page
 reads as one script), in a temporary folder, offline: the hub ids they name resolve to tiny models saved into a
-temporary Hugging Face cache (:data:`HUB_MODELS`). A block that cannot run here carries an HTML comment on the line
-just above its fence, visible in the source, with the reason::
+temporary Hugging Face cache (:data:`HUB_MODELS`) by :func:`deltalora_hf.testing.cache_tiny_causal_lm`, the helper
+the docs give users for running them offline. A block that cannot run here carries an HTML comment on the line just
+above its fence, visible in the source, with the reason::
 
     <!-- not run by the tests: launched with torchrun, two processes -->
 """
@@ -17,14 +18,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from deltalora_hf.testing import cache_tiny_causal_lm
 
 pytest_examples = pytest.importorskip("pytest_examples")
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SKIP_MARK = re.compile(r"<!-- not run by the tests: (?P<reason>[^>]*\S) -->")
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # any commit hash: the cache maps refs/main to it
 # Hub ids named in the docs -> what their tiny Llama stand-in shares with them (SmolLM2 ties its word embeddings).
 HUB_MODELS = {"HuggingFaceTB/SmolLM2-135M": {"tie_word_embeddings": True}}
 
@@ -76,45 +77,12 @@ def test_relative_links_resolve():
 # -- running the code blocks -------------------------------------------------------------------------------------
 
 
-def save_tiny_causal_lm(folder: Path, **config_overrides) -> None:
-    """A tiny Llama and a byte-level BPE tokenizer trained on a few sentences (any text encodes, no unknown token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(["Delta-LoRA moves the base weight with the low-rank update of the adapter."], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,  # bitsandbytes' 4-bit CPU kernels need 64 (docs/guides/modes-and-quantized-bases.md)
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **config_overrides,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory):
     """A Hugging Face hub cache in which every id of :data:`HUB_MODELS` resolves, offline, to a tiny model."""
     cache = tmp_path_factory.mktemp("hub")
     for repo_id, overrides in HUB_MODELS.items():
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        save_tiny_causal_lm(repo / "snapshots" / SNAPSHOT, **overrides)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(SNAPSHOT)
+        cache_tiny_causal_lm(repo_id, cache, **overrides)  # the helper the docs give users for offline runs
     return cache
 
 
@@ -170,3 +138,49 @@ def test_mkdocs_build_strict(tmp_path):
 
     for name in deltalora_hf.__all__:
         assert f'id="deltalora_hf.{name}"' in api, f"{name} is missing from the API reference"
+
+
+# -- what the docs say about the installed versions -------------------------------------------------------------
+
+
+def test_transformers_adapter_methods_unpatched(tmp_path):
+    """What a user of the installed versions gets, with no patch (tests/inventory_support.py lifts the check to test
+    the integration's own code): transformers 5.x asks for PEFT >= 0.22 in most ``PeftAdapterMixin`` methods and
+    refuses them with an older PEFT, for every adapter type (docs/versions.md); transformers 4.x and a new enough
+    PEFT run them. ``load_adapter`` works either way."""
+    import peft
+    import transformers.integrations.peft as integration
+    from packaging.version import Version
+    from transformers import AutoModelForCausalLM
+
+    import deltalora_hf
+    from deltalora_hf.testing import save_tiny_causal_lm
+
+    folder = save_tiny_causal_lm(tmp_path / "base")
+    config = deltalora_hf.DeltaLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], start_step=0)
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder), config).save_pretrained(tmp_path / "adapter")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.load_adapter(str(tmp_path / "adapter"), adapter_name="default")
+
+    needed = Version(getattr(integration, "MIN_PEFT_VERSION", "0"))
+    calls = {
+        "add_adapter": lambda: model.add_adapter(config, adapter_name="other"),
+        "set_adapter": lambda: model.set_adapter("default"),
+        "active_adapters": model.active_adapters,
+        "disable_adapters": model.disable_adapters,
+        "enable_adapters": model.enable_adapters,
+        "get_adapter_state_dict": model.get_adapter_state_dict,
+        "delete_adapter": lambda: model.delete_adapter("other"),
+    }
+    for call in calls.values():
+        if Version(peft.__version__) < needed:
+            with pytest.raises(ValueError, match=f"version >= {needed}"):
+                call()
+        else:
+            call()
+    if Version(peft.__version__) >= needed:
+        assert model.active_adapters() == ["default"]
+    docs = (ROOT / "docs" / "versions.md").read_text(encoding="utf-8")
+    assert (
+        "PEFT ≥ 0.22" in docs and "tests/inventory_support.py" in docs and "test_transformers_adapter_methods" in docs
+    )

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import multiprocessing
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -70,47 +71,48 @@ def candidates(settings: CompareSettings, arm: Arm) -> list[Candidate]:
 def select_and_train(
     settings: CompareSettings, run_all: RunAllFn, metric: str, validation_id: str, log: Callable[[str], None] = print
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """For every arm: each candidate with seed ``seeds[0]``, the best on ``validation[metric]``, then other seeds.
+    """For every arm: each candidate with every seed; the candidate with the best mean validation score is kept.
 
-    ``run_all`` trains a list of ``(settings, arm, seed, lr)`` jobs (in any order, possibly in parallel) and returns
-    their runs in the same order. Returns ``(selection, finals)``: the choice per arm (with every candidate's
-    validation score and the identity of the split it was made on) and the final runs per arm, seed ``seeds[0]``'s
-    being the chosen candidate's run. Only ``run["validation"]`` is read to choose; test metrics are only carried.
+    The choice does not bet on one seed: a learning rate that collapses one seed pays for it in the mean. Every arm
+    gets the same budget, ``len(candidates) × len(seeds)`` runs. ``run_all`` trains a list of ``(settings, arm, seed,
+    lr)`` jobs (in any order, possibly in parallel) and returns their runs in the same order. Returns ``(selection,
+    finals)``: the choice per arm (every candidate's validation scores per seed and their mean, the identity of the
+    split they were read on) and the chosen candidate's runs per arm, one per seed. Only ``run["validation"]`` is
+    read to choose; test metrics are only carried.
     """
-    first, *others = settings.seeds
     grids = {arm: candidates(settings, arm) for arm in settings.arms}
-    jobs = [(c, (c.apply(settings), arm, first, c.lr)) for arm in settings.arms for c in grids[arm]]
-    results = iter(run_all([job for _, job in jobs]))
-    tried = {arm: [{**next(results), "candidate": c.label} for c in grids[arm]] for arm in settings.arms}
+    jobs = [
+        (c.apply(settings), arm, seed, c.lr) for arm in settings.arms for c in grids[arm] for seed in settings.seeds
+    ]
+    results = iter(run_all(jobs))
+    tried = {
+        arm: [[{**next(results), "candidate": c.label} for _ in settings.seeds] for c in grids[arm]]
+        for arm in settings.arms
+    }
     selection: dict[str, Any] = {}
-    for arm, runs in tried.items():
-        best = max(range(len(runs)), key=lambda i: runs[i]["validation"][metric])  # the first one on a tie
+    finals: dict[str, list[dict[str, Any]]] = {}
+    for arm, per_candidate in tried.items():
+        scores = [[run["validation"][metric] for run in runs] for runs in per_candidate]
+        best = max(range(len(scores)), key=lambda i: statistics.fmean(scores[i]))  # the first one on a tie
         chosen = grids[arm][best]
         selection[arm] = {
             "choice": chosen.label,
             "lr": chosen.lr,
             "update_ratio": chosen.update_ratio,
             "start_step": chosen.start_step,
-            "seed": first,
+            "seeds": list(settings.seeds),
+            "rule": "best mean over seeds",
             "metric": f"validation {metric}",
             "split": validation_id,
-            "candidates": [(c.label, r["validation"][metric]) for c, r in zip(grids[arm], runs)],
+            "candidates": [
+                {"label": c.label, "mean": statistics.fmean(s), "scores": s} for c, s in zip(grids[arm], scores)
+            ],
             "index": best,
         }
-    chosen_of = {arm: grids[arm][selection[arm]["index"]] for arm in settings.arms}
-    seed_jobs = [
-        (arm, (chosen_of[arm].apply(settings), arm, seed, chosen_of[arm].lr))
-        for arm in settings.arms
-        for seed in others
-    ]
-    more = iter(run_all([job for _, job in seed_jobs]))
-    finals: dict[str, list[dict[str, Any]]] = {arm: [tried[arm][selection[arm]["index"]]] for arm in settings.arms}
-    for arm, _ in seed_jobs:
-        finals[arm].append({**next(more), "candidate": chosen_of[arm].label})
-    for arm, runs in finals.items():
+        finals[arm] = per_candidate[best]
         log(
-            f"  {ARM_TITLES[arm]}: {chosen_of[arm].label} (on validation); test {metric} "
-            + ", ".join(f"{r['test'][metric]:.4f}" for r in runs)
+            f"  {ARM_TITLES[arm]}: {chosen.label} (best mean validation {metric} over seeds); test {metric} "
+            + ", ".join(f"{r['test'][metric]:.4f}" for r in finals[arm])
         )
     return selection, finals
 
@@ -137,16 +139,16 @@ def run_jobs(function: Callable[..., dict[str, Any]], jobs: list[tuple], extra: 
 def compare(settings: CompareSettings, task: TextTask | None = None, command: str | None = None) -> dict[str, Any]:
     """Run the protocol of ``settings`` on a classification task, write the report and return it (``results.json``).
 
-    1. every candidate (learning rate; λ/K where swept) of each arm with seed ``seeds[0]``; the best on the
-       validation split is chosen;
-    2. the chosen candidate with the other seeds;
-    3. the table reports the test metrics of those runs.
+    1. every candidate (learning rate; λ/K where swept) of each arm with every seed;
+    2. the candidate with the best mean validation score over the seeds is chosen;
+    3. the table reports the test metrics of its runs, and marks every run that collapsed to the majority class.
     """
     quiet(settings.verbose)
     console = report.console()
     model_path = resolve_model(settings)
     task = load_task(settings) if task is None else task
-    baseline = task.majority_baseline("test")
+    baselines = {split: task.majority_baseline(split) for split in ("validation", "test")}
+    baseline = baselines["test"]
     sizes = {split: len(labels) for split, labels in task.labels.items()}
     arms_of: dict[str, list[str]] = {}  # arms that share a grid on one line
     for arm, lrs in settings.lr_grid.items():
@@ -159,7 +161,8 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
         f"{sizes['test']} test"
     )
     console.print(
-        f"  majority-class baseline (test): accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f}"
+        f"  majority-class baseline (test): accuracy {baseline['accuracy']:.4f}, macro-F1 {baseline['macro_f1']:.4f} "
+        "(a run at it: collapsed)"
     )
     console.print(f"  model: {model_path}")
     console.print(
@@ -171,6 +174,7 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
         f"Delta-LoRA λ={settings.update_ratio:g}, K={settings.start_step}"
     )
     console.print(f"  learning rates: {grids}")
+    console.print("  selection: every candidate with every seed; the best mean validation macro-F1 is kept")
     started = time.perf_counter()
 
     def run_all(jobs: list[tuple]) -> list[dict[str, Any]]:
@@ -185,6 +189,7 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
         "sizes": sizes,
         "splits": {s: task.fingerprint(s) for s in ("train", "validation", "test")},
         "majority_baseline": baseline,
+        "majority_baselines": baselines,
     }
     command = command or shlex.join(["python", "-m", "deltalora_hf", *sys.argv[1:]])
     return report.write_report(settings, task_info, selection, finals, seconds, command)

@@ -83,14 +83,114 @@ def differences_table(diffs: list[dict[str, Any]], metrics: dict[str, str]) -> s
     return markdown(header, rows)
 
 
-def choices_table(selection: dict[str, Any], metric_title: str) -> str:
-    """Markdown: each arm's candidates with their validation score, and the one chosen."""
+def choices_table(selection: dict[str, Any], metric_title: str, baseline: float | None = None) -> str:
+    """Markdown: each arm's candidates with their mean validation score over seeds (each seed's in brackets).
+
+    With ``baseline`` (the validation split's majority-class score), a seed at or below it is marked "(collapsed)".
+    """
     rows = []
     for arm, choice in selection.items():
-        scores = ", ".join(f"{label}: {score:.4f}" for label, score in choice["candidates"])
-        rows.append([ARM_TITLES[arm], scores, choice["choice"]])
-    seed = next(iter(selection.values()))["seed"]
-    return markdown(["arm", f"validation {metric_title} per candidate (seed {seed})", "chosen"], rows)
+        cells = []
+        for candidate in choice["candidates"]:
+            seeds = ", ".join(
+                f"{score:.3f}" + (" (collapsed)" if baseline is not None and is_collapsed(score, baseline) else "")
+                for score in candidate["scores"]
+            )
+            cells.append(f"{candidate['label']}: {candidate['mean']:.4f} [{seeds}]")
+        rows.append([ARM_TITLES[arm], "; ".join(cells), choice["choice"]])
+    seeds = ", ".join(map(str, next(iter(selection.values()))["seeds"]))
+    return markdown(["arm", f"validation {metric_title} per candidate: mean [seeds {seeds}]", "chosen"], rows)
+
+
+COLLAPSE_TOLERANCE = 1e-9
+
+
+def is_collapsed(score: float, baseline: float) -> bool:
+    """A score at (or below) the majority-class baseline's: the run predicts one class for every input."""
+    return score <= baseline + COLLAPSE_TOLERANCE
+
+
+def run_checks(
+    finals: dict[str, list[dict[str, Any]]], baselines: dict[str, dict[str, Any]], metric: str = "macro_f1"
+) -> list[dict[str, Any]]:
+    """Per run (arm, seed): its validation and test scores, the splits on which it collapsed to the majority class
+    (``baselines[split][metric]``), and whether its test score is at least 2× the test baseline's."""
+    rows = []
+    for arm, runs in finals.items():
+        for run in runs:
+            scores = {split: run[split][metric] for split in ("validation", "test")}
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": run["seed"],
+                    **scores,
+                    "collapsed": [s for s in scores if is_collapsed(scores[s], baselines[s][metric])],
+                    "twice_baseline": scores["test"] >= 2 * baselines["test"][metric],
+                }
+            )
+    return rows
+
+
+def _run_note(check: dict[str, Any]) -> str:
+    if check["collapsed"]:
+        return f"collapsed ({', '.join(check['collapsed'])})"
+    return "" if check["twice_baseline"] else "below 2× baseline (test)"
+
+
+def runs_table(checks: list[dict[str, Any]], metric_title: str) -> str:
+    """Markdown: one row per run of the table, with the collapse and 2×-baseline checks."""
+    rows = [
+        [ARM_TITLES[c["arm"]], str(c["seed"]), f"{c['validation']:.4f}", f"{c['test']:.4f}", _run_note(c)]
+        for c in checks
+    ]
+    return markdown(["arm", "seed", f"validation {metric_title}", f"test {metric_title}", "check"], rows)
+
+
+def baseline_sentence(checks: list[dict[str, Any]], baseline: float) -> str:
+    """The 2×-majority-baseline check, run by run (a mean can hide a run that learned nothing)."""
+    weak = [c for c in checks if not c["twice_baseline"]]
+    if not weak:
+        return f"every run's test macro-F1 is at least 2× the majority-class baseline's ({baseline:.4f})"
+    names = ", ".join(f"{ARM_TITLES[c['arm']]} seed {c['seed']} ({c['test']:.4f})" for c in weak)
+    share = f"{len(weak)} of {len(checks)} runs"
+    return f"{share} are below 2× the majority-class baseline's test macro-F1 ({baseline:.4f}): {names}"
+
+
+def collapse_sentence(checks: list[dict[str, Any]]) -> str:
+    collapsed = [c for c in checks if c["collapsed"]]
+    if not collapsed:
+        return "No run collapsed to the majority class."
+    names = "; ".join(f"{ARM_TITLES[c['arm']]} seed {c['seed']} ({', '.join(c['collapsed'])})" for c in collapsed)
+    return (
+        f"Collapsed to the majority class (macro-F1 at the baseline's): {names}. "
+        "Their scores are in the means and the paired differences above."
+    )
+
+
+WIDE_INTERVAL = 0.1  # a 95% interval wider than this cannot tell a difference of a few points of macro-F1
+
+
+def headline(diffs: list[dict[str, Any]], checks: list[dict[str, Any]], metric: str = "macro_f1") -> str | None:
+    """The one-line verdict: Delta-LoRA against its scale-matched control (else against LoRA), in words."""
+    rows = {(d["arm"], d["reference"]): d for d in diffs if d["metric"] == metric}
+    row = rows.get(("deltalora", "lora-scaled")) or rows.get(("deltalora", "lora"))
+    if row is None:
+        return None
+    reference = "its scale-matched control" if row["reference"] == "lora-scaled" else "LoRA"
+    numbers = f"{row['mean']:+.3f}" + (f" [{row['low']:+.3f}, {row['high']:+.3f}]" if row["n"] > 1 else "")
+    if row["n"] < 2:
+        words = "one seed, no interval"
+    elif row["excludes_zero"]:
+        words = "Delta-LoRA " + ("higher" if row["mean"] > 0 else "lower") + " (the 95% interval excludes 0)"
+    else:
+        words = "no difference detected"
+    line = f"Delta-LoRA vs {reference}: {words} ({numbers} test macro-F1, {row['n']} seeds)"
+    if row["n"] > 1 and row["high"] - row["low"] > WIDE_INTERVAL:
+        line += "; the interval is wide: more --seeds narrow it"
+    collapsed = [c for c in checks if c["collapsed"] and c["arm"] in (row["arm"], row["reference"])]
+    if collapsed:
+        line += f"; {len(collapsed)} of these runs collapsed, see above"
+    return line + "."
 
 
 def _cell(pair: tuple[float, float], n: int, spec: str = ".4f", scale: float = 1.0) -> str:
@@ -143,7 +243,7 @@ PANELS = (("validation_curve", "validation macro-F1"), ("loss_curve", "train los
 def plot_curves(
     finals: dict[str, list[dict[str, Any]]], path: Path, title: str, panels: Sequence[tuple[str, str]] = PANELS
 ) -> None:
-    """PNG: one panel per ``(curve key, name)`` of the runs, one line per arm (mean over seeds)."""
+    """PNG: one panel per ``(curve key, name)`` of the runs; per arm the mean over seeds, each seed faintly under it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,8 +254,11 @@ def plot_curves(
         for arm, runs in finals.items():
             steps = [s for s, _ in runs[0][key]]
             values = [statistics.fmean(r[key][i][1] for r in runs) for i in range(len(steps))]
-            ax.plot(steps, values, marker="o" if len(steps) < 12 else None, label=ARM_TITLES[arm])
-        ax.set(xlabel="optimizer step", ylabel=name, title=f"{name} (mean over seeds)")
+            (line,) = ax.plot(steps, values, marker="o" if len(steps) < 12 else None, label=ARM_TITLES[arm])
+            if len(runs) > 1:
+                for run in runs:
+                    ax.plot(*zip(*run[key]), color=line.get_color(), alpha=0.25, linewidth=0.8)
+        ax.set(xlabel="optimizer step", ylabel=name, title=f"{name} (mean over seeds; each seed faint)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=8)
@@ -274,12 +377,11 @@ def write_report(
     summary = summarize(finals)
     diffs = differences(finals, list(METRICS))
     baseline = task_info["majority_baseline"]
-    weak = [arm for arm, e in summary.items() if e["test_macro_f1"][0] < 2 * baseline["macro_f1"]]
-    learned = (
-        "every arm's test macro-F1 is at least 2× the majority baseline's"
-        if not weak
-        else f"below 2× the majority baseline's macro-F1: {', '.join(ARM_TITLES[a] for a in weak)}"
-    )
+    baselines = task_info.get("majority_baselines", {"validation": baseline, "test": baseline})
+    checks = run_checks(finals, baselines)
+    learned = baseline_sentence(checks, baseline["macro_f1"])
+    collapse = collapse_sentence(checks)
+    verdict_line = headline(diffs, checks)
     header, rows = table_rows(summary)
     setting = (
         f"model `{task_info['model']}`; task: {task_info['source']} ({len(task_info['label_names'])} classes, "
@@ -299,16 +401,19 @@ def write_report(
             "",
             (
                 f"Majority-class baseline on test (always `{baseline['label']}`): accuracy {baseline['accuracy']:.4f}, "
-                f"macro-F1 {baseline['macro_f1']:.4f}; {learned}."
+                f"macro-F1 {baseline['macro_f1']:.4f} (validation {baselines['validation']['macro_f1']:.4f}); "
+                f"{learned}. {collapse}"
             ),
             "",
+            *([f"**{verdict_line}**", ""] if verdict_line else []),
             "## Test split (used once, for this table)",
             "",
             markdown(header, rows),
             "",
             (
-                "Mean ± std over seeds. Learning rates were chosen on the validation split (carved from train, "
-                "disjoint from test); the test split was not used for any choice. Train loss: mean of the last 10% "
+                "Mean ± std over seeds. Each arm's settings were chosen by their mean score over all seeds on the "
+                "validation split (carved from train, disjoint from test); the test split was not used for any "
+                "choice. Train loss: mean of the last 10% "
                 "of logged losses; median step: one optimizer step including Delta-LoRA's W update; ‖ΔW‖: Frobenius "
                 "norm of the change of the targeted base weights (0 for the LoRA arms, whose W is frozen)."
             ),
@@ -321,9 +426,16 @@ def write_report(
             "",
             *[f"- {w}" for w in words],
             "",
+            "## Every run",
+            "",
+            runs_table(checks, "macro-F1"),
+            "",
+            "Collapsed: macro-F1 at (or below) the majority-class baseline's on that split, i.e. one class predicted "
+            "for every input.",
+            "",
             "## Validation choices",
             "",
-            choices_table(selection, "macro-F1"),
+            choices_table(selection, "macro-F1", baselines["validation"]["macro_f1"]),
             "",
             (
                 f"Total wall time {seconds:.0f} s ({os.cpu_count()} CPU cores, load average at the end {_load()}). "
@@ -342,6 +454,8 @@ def write_report(
         "selection": selection,
         "summary": summary,
         "differences": diffs,
+        "run_checks": checks,
+        "verdict": verdict_line,
         "runs": [r for runs in finals.values() for r in runs],
         "environment": environment(),
         "wall_seconds": seconds,
@@ -351,11 +465,12 @@ def write_report(
     out_console = console()
     for table in console_tables(summary, diffs):
         out_console.print(table)
+    out_console.print(learned[0].upper() + learned[1:] + ".")
+    out_console.print(collapse)
     out_console.print(
-        f"Majority-class baseline macro-F1 {baseline['macro_f1']:.4f}: {learned}."
-        if weak
-        else f"Every arm's test macro-F1 is at least 2× the majority-class baseline's ({baseline['macro_f1']:.4f})."
+        f"Report: {out}/results.md (every column, every run, the validation choices), results.json, curves.png"
     )
-    out_console.print(f"Report: {out}/results.md (every column, the validation choices), results.json, curves.png")
-    out_console.print(f"Wall time {seconds:.0f} s")
+    out_console.print(f"Wall time {seconds:.0f} s (load average at the end {_load()})")
+    if verdict_line:
+        out_console.print(f"[bold]{verdict_line}[/]")
     return report

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import random
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .data import TextTask
 from .measure import peak_rss_bytes, reset_peak_rss, snapshot, targeted_base_weights, weight_change
@@ -140,6 +144,55 @@ class RunProgress(TrainerCallback):
             print(f"{self.description} {state.global_step} steps in {seconds:.0f} s, {self.status}", flush=True)
 
 
+@contextlib.contextmanager
+def training_randomness_untouched() -> Iterator[None]:
+    """Run the block, then restore every random stream training draws from: torch's (CPU and CUDA), Python's, NumPy's.
+
+    An evaluation draws from torch's global generator (each ``DataLoader`` iterator takes a base seed from it); without
+    this, how often the run evaluates would change the dropout masks of the steps after it, and so the scores.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+class EvaluationApartTrainer(Trainer):
+    """``Trainer`` whose evaluations and predictions draw nothing from training's random streams.
+
+    Two runs that differ only in ``eval_steps`` train with the same dropout masks and batches, to the same weights.
+    """
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with training_randomness_untouched():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with training_randomness_untouched():
+            return super().predict(*args, **kwargs)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, bytes; ``state_dict`` order): equal iff bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_label(arm: Arm, seed: int, lr: float, settings: CompareSettings) -> str:
+    """The progress line's name of a run: the settings that apply to ``arm`` only (λ and K for Delta-LoRA alone)."""
+    extra = {
+        "deltalora": f" λ={settings.update_ratio:g} K={settings.start_step}",
+        "lora-scaled": f" alpha={settings.scaled_alpha:g}",
+    }.get(arm, "")
+    return f"{arm:11s} seed {seed} lr {lr:<7g}{extra}"
+
+
 def start_process(settings: CompareSettings) -> None:
     """Per-run process setup: torch threads, warnings the user cannot act on hidden (``.quiet``), peak RSS reset."""
     if settings.threads:
@@ -215,9 +268,8 @@ def train_classifier(
     settings: CompareSettings, arm: Arm, seed: int, lr: float, model_path: str, task: TextTask
 ) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` and ``lr``; evaluate on validation (curve and final) and once on test."""
-    import numpy as np
     from peft.optimizers import create_loraplus_optimizer
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import AutoTokenizer, DataCollatorWithPadding
 
     start_process(settings)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -237,9 +289,7 @@ def train_classifier(
         predicted = np.argmax(logits, axis=-1).tolist()
         return classification_scores(predicted, np.asarray(prediction.label_ids).tolist(), len(task.label_names))
 
-    callbacks = run_callbacks(
-        arm, seed, f"{arm:11s} seed {seed} lr {lr:<7g} λ={settings.update_ratio:g} K={settings.start_step}", settings
-    )
+    callbacks = run_callbacks(arm, seed, run_label(arm, seed, lr, settings), settings)
     optimizer = None
     if arm == "loraplus":
         optimizer = create_loraplus_optimizer(
@@ -260,7 +310,7 @@ def train_classifier(
         logging_steps=max(1, settings.steps // 25),
         dataloader_num_workers=0,
     )
-    trainer = Trainer(
+    trainer = EvaluationApartTrainer(
         model=model,
         args=args,
         train_dataset=encoded("train"),
@@ -297,6 +347,7 @@ def train_classifier(
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "validation_curve": [(h["step"], h["eval_macro_f1"]) for h in history if "eval_macro_f1" in h],
+        "weights_sha256": weights_digest(model),
         **weight_change(w0, targeted_base_weights(model, targets)),
     }
     if arm == "deltalora":
