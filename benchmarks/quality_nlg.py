@@ -10,8 +10,8 @@ gloss tokens (+ EOS). Scoring: greedy generation cut at the first newline, again
 sacreBLEU (corpus BLEU) and rouge-score (ROUGE-L F), via :mod:`deltalora_hf.compare.metrics`.
 
 The protocol is the one of ``deltalora-hf compare`` (:func:`deltalora_hf.compare.protocol.select_and_train`): each
-arm's learning rate (and λ/K where swept) is chosen on the validation words with the first seed, then the other
-seeds run at that choice; the test words are scored once per run and only reported: mean ± std and paired
+arm's learning rate (and λ/K where swept) is the candidate with the best mean validation score over all seeds
+(every candidate runs with every seed); the test words are scored once per run and only reported: mean ± std and paired
 differences to ``lora`` and ``lora-scaled`` with 95% t-intervals. Writes ``quality_nlg.md``, ``.json``, ``.png``.
 
 CPU: ``python benchmarks/quality_nlg.py`` (12 runs, two at a time: 42 min on an idle 2-core machine; reduce with

@@ -1,12 +1,13 @@
 """The default ``deltalora-hf compare`` task with a larger selection budget: a preset of the compare command.
 
 Every arm (LoRA, LoRA with alpha·(1+λ), Delta-LoRA, full fine-tuning, DoRA, LoRA+), three learning rates each, and
-a λ/K sweep for Delta-LoRA (lora-scaled sweeps the same λ values, as its alpha follows λ); every choice is made on
-the validation split with the first seed, the test split is reported once (see ``deltalora_hf.compare.protocol``).
+a λ/K sweep for Delta-LoRA (lora-scaled sweeps the same λ values, as its alpha follows λ); every candidate runs with
+every seed and each arm keeps the best mean validation score, the test split is reported once (see
+``deltalora_hf.compare.protocol``).
 Any ``deltalora-hf compare`` option given here overrides the preset, e.g. ``--steps 60 --seeds 0``.
 
-Run: ``python benchmarks/quality_nlu.py`` (60 training runs of the default task's size: 15 min on an idle 2-core
-machine).
+Run: ``python benchmarks/quality_nlu.py`` (every candidate with every seed: about three times the training runs of
+0.3's protocol, which took 15 min on an idle 2-core machine; not re-run with this protocol yet).
 Writes ``results/quality_nlu/`` (results.md, results.json, curves.png).
 """
 
