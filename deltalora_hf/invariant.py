@@ -509,7 +509,8 @@ def _apply(move: Move, square: float, generator: torch.Generator | None) -> bool
 
 
 def read_scalars(parts: list[torch.Tensor]) -> list[float]:
-    """The values of 1-D float tensors, concatenated, with one host sync per device."""
+    """The values of 1-D tensors of one dtype (float, or the int64 warm-up counts), concatenated, with one host sync
+    per device."""
     by_device: dict[torch.device, list[int]] = {}
     for i, part in enumerate(parts):
         by_device.setdefault(part.device, []).append(i)

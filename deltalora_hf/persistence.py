@@ -89,11 +89,13 @@ class InplaceMarks(AnchorDict):
 
 
 def encode_scale(scale: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """``scale`` as the bits of a float64 in a 1-element int64 tensor."""
     return torch.tensor([scale], dtype=torch.float64, device=device).view(torch.int64)
 
 
 def decode_scale(value: torch.Tensor) -> float:
-    return float(value.reshape(1).view(torch.float64)) if value.dtype == torch.int64 else float(value)
+    """The inverse of ``encode_scale``."""
+    return float(value.reshape(1).view(torch.float64))
 
 
 def before_state_dict(module: DeltaLayer, prefix: str, keep_vars: bool) -> None:

@@ -164,7 +164,7 @@ class DeltaLoraUpdater:
         if pending:  # one op and one host sync per step, only until every adapter is anchored
             with torch.no_grad():
                 torch._foreach_add_([layer.lora_warmup_steps[adapter] for layer, adapter in pending], 1)
-            counts = read_scalars([layer.lora_warmup_steps[adapter].reshape(1).float() for layer, adapter in pending])
+            counts = read_scalars([layer.lora_warmup_steps[adapter] for layer, adapter in pending])  # int64, 1 each
             for (layer, adapter), count in zip(pending, counts):
                 if count > layer.delta_settings[adapter].start_step:
                     layer.set_anchor(adapter)
