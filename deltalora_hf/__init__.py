@@ -13,7 +13,7 @@ from .layer import DeltaLoraLayer
 from .model import DeltaLoraModel
 from .updater import DeltaLoraUpdater, UpdateStats
 
-__version__ = "0.4.0"  # 0.4: warm-up counts and in-place marks saved; 0.2/0.3 files load
+__version__ = "0.5.0"  # 0.5: warm-up counted per optimizer, loaded values checked, export allow-listed
 
 _register(DeltaLoraConfig, DeltaLoraModel)
 
