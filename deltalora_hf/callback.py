@@ -54,19 +54,21 @@ class DeltaLoRACallback(TrainerCallback):
             trainer.add_callback(callback)
         self._attach(trainer.model)
 
-    def _attach(self, model: Any) -> DeltaLoraUpdater:
+    def _attach(self, model: Any, optimizer: Any = None) -> DeltaLoraUpdater:
         if model is None:
             raise ValueError("DeltaLoRACallback needs the Trainer's model.")
         if self.updater is None or self.updater.model is not model:
-            self.updater = DeltaLoraUpdater(model, seed=self.seed)
+            self.updater = DeltaLoraUpdater(model, optimizer, seed=self.seed)
+        elif optimizer is not None:
+            self.updater.watch(optimizer)  # the warm-up counts the steps of the optimizer that trains this run
         return self.updater
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._attach(model)  # fail at Trainer(...) time when the model has no Delta-LoRA adapter
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # After a checkpoint is loaded, or on a model changed since the last run: W in step with the adapters.
-        self._attach(model).start_run()
+        self._attach(model, optimizer).start_run()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Trainer increments global_step after this event, so it is the 0-based index of this step.

@@ -74,12 +74,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from torch.nn.modules.module import (
-    register_module_buffer_registration_hook,
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._distributed import add_low_rank_, check_writable_in_place, full_values, is_partitioned
 from .functional import default_generator, delta_factors, low_rank_frobenius_sq
@@ -115,51 +109,6 @@ class DeltaLayer(Protocol):
     def has_meta_tensors(self) -> bool: ...
 
 
-# Optimizer steps taken in this process. Fused optimizers (e.g. AdamW(fused=True), Trainer's "adamw_torch_fused")
-# write the parameters without bumping their version counters, so after any optimizer step the factors are read
-# by value; torch calls this hook after every optimizer.step().
-_optimizer_steps = [0]
-
-
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if not torch.compiler.is_compiling():  # traced, the count would become a guard of the compiled code
-        _optimizer_steps[0] += 1
-
-
-def optimizer_steps() -> int:
-    """How many optimizer steps this process has taken (any optimizer)."""
-    return _optimizer_steps[0]
-
-
-# Modules, parameters and buffers registered in this process (module.x = ..., add_module, register_buffer,
-# set_submodule, ...): a factor module or an anchor replaced by another object is seen by the forward check.
-_registrations = [0]
-
-
-def _count_registration(module: torch.nn.Module, name: str, value: object) -> None:
-    if not torch.compiler.is_compiling():  # traced, the count would become a guard of the compiled code
-        _registrations[0] += 1
-
-
-_hooks: list = []
-
-
-def install_hooks() -> None:
-    """Install the two process-wide counters (optimizer steps, registrations) once, when the first Delta-LoRA layer
-    is created: a process that imports the package without building a Delta-LoRA model runs none of our code on
-    its optimizer steps or module registrations. They stay for the life of the process: a layer created later
-    relies on counts that started before it, and each hook is one integer increment."""
-    if _hooks:
-        return
-    _hooks.append(register_optimizer_step_post_hook(_count_optimizer_step))
-    for register in (
-        register_module_module_registration_hook,
-        register_module_parameter_registration_hook,
-        register_module_buffer_registration_hook,
-    ):
-        _hooks.append(register(_count_registration))
-
-
 def version(t: torch.Tensor) -> int:
     """A tensor's version counter (-1 for inference tensors, which have none and cannot be changed outside it)."""
     try:
@@ -189,49 +138,32 @@ class SyncState:
     """What a layer's forward check compares with, so that an unchanged layer costs a few pointer comparisons.
 
     ``dirty`` is set by the events that version counters cannot see (a changed scaling, ``.to()``, a load, new
-    anchors, ``set_adapter``, a ``state_dict`` handed out); otherwise the layer is in step while no optimizer step
-    was taken and no module, parameter or buffer was registered anywhere since its last sync (both are counted by
-    torch's global hooks), its active adapters and merged state are the same, and its in-place factors are the same
-    tensors at the same versions. A layer with no in-place adapter has nothing to check.
+    anchors, ``set_adapter``, a ``state_dict`` handed out, an optimizer step of an updater's optimizer: fused
+    optimizers bump no version counter); otherwise the layer is in step while its active adapters and merged state
+    are the ones of its last sync and every record's adapter still has the tensors, at the versions, that the record
+    was taken from (``Record.stamp``, the one stamp system). The tensors are looked up anew on every check, so a
+    factor module or anchor replaced by another object is a difference. A layer without records has nothing in W
+    to keep in step (an adapter that becomes applied does so through an event that marks the layer dirty).
     """
 
-    __slots__ = ("dirty", "has_work", "active", "merged", "watched", "steps", "registrations", "partitioned")
+    __slots__ = ("dirty", "active", "merged", "partitioned")
 
     def __init__(self) -> None:
-        self.dirty, self.has_work, self.active, self.merged, self.watched, self.steps = True, True, None, -1, (), -1
-        self.registrations = -1
+        self.dirty, self.active, self.merged = True, None, -1
         self.partitioned = False  # W or a factor was split across ranks at the last sync (ZeRO-3, FSDP2)
 
     def touch(self) -> None:
         self.dirty = True
 
-    def synced(self, layer: DeltaLayer, slots: list[tuple[dict, str]], has_work: bool) -> None:
-        self.dirty, self.has_work, self.steps, self.registrations = (
-            False,
-            has_work,
-            _optimizer_steps[0],
-            _registrations[0],
-        )
+    def synced(self, layer: DeltaLayer) -> None:
+        self.dirty = False
         self.partitioned = layer.is_partitioned()
         self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
-        self.watched = tuple((params, key, params[key], version(params[key])) for params, key in slots)
 
     def unchanged(self, layer: DeltaLayer) -> bool:
-        if self.dirty:
+        if self.dirty or layer._active_adapter is not self.active or len(layer.merged_adapters) != self.merged:
             return False
-        if not self.has_work:
-            return True
-        if (
-            self.steps != _optimizer_steps[0]
-            or self.registrations != _registrations[0]
-            or layer._active_adapter is not self.active
-            or len(layer.merged_adapters) != self.merged
-        ):
-            return False
-        for params, key, t, v in self.watched:
-            if params.get(key) is not t or version(t) != v:
-                return False
-        return True
+        return all(record_unchanged(layer, adapter) for adapter in layer.delta_records)
 
 
 @dataclass
@@ -271,10 +203,9 @@ class SyncResult:
 class Record:
     """What W holds for one in-place adapter: its move ``scale * (B A - B_K A_K)`` with these tensors.
 
-    ``a``, ``b``: private copies of the factors, which no write through ``.data`` reaches. ``a_k``, ``b_k``: the
-    adapter's live anchors, or copies of them from the moment the live ones were handed out (a ``state_dict``, a
-    load: ``snapshot_anchors``) until the next value sync. ``stamp``: the optimizer-step count and the identities and
-    versions of the adapter's live tensors when the record was taken (see ``unchanged``).
+    ``a``, ``b``, ``a_k``, ``b_k``: private copies, never the adapter's live tensors, so that any write to a live
+    tensor (in place, through ``.data``, by a load) is a difference that the next value check sees. ``stamp``: the
+    identities and versions of the adapter's live tensors when the record was taken (see ``record_unchanged``).
     """
 
     a: torch.Tensor
@@ -286,17 +217,6 @@ class Record:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.a, self.b, self.a_k, self.b_k
-
-
-def snapshot_anchors(layer: DeltaLayer) -> None:
-    """Copy the anchors the records refer to, before their live tensors may be written behind the layer's back
-    (a ``state_dict`` handed out, a load): the next value sync compares them and then refers to the live ones again.
-    So the records cost one copy of the factors in the steady state, and the anchors are copied only meanwhile."""
-    for adapter, record in layer.delta_records.items():
-        if record.a_k is layer.lora_anchor_A[adapter]:
-            record.a_k = record.a_k.detach().clone()
-        if record.b_k is layer.lora_anchor_B[adapter]:
-            record.b_k = record.b_k.detach().clone()
 
 
 def current_tensors(layer: DeltaLayer, adapter: str) -> tuple[torch.Tensor, ...]:
@@ -312,50 +232,44 @@ def live_tensors(layer: DeltaLayer, adapter: str) -> tuple[torch.Tensor, ...]:
     return a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter], layer.lora_anchored[adapter]
 
 
-def _stamp_now(layer: DeltaLayer, adapter: str) -> tuple:
-    return _optimizer_steps[0], adapter_stamp(live_tensors(layer, adapter))
-
-
 def set_record(layer: DeltaLayer, adapter: str, tensors: tuple[torch.Tensor, ...] | None, scale: float) -> None:
-    """Record that W holds ``adapter``'s move with ``tensors`` ``(A, B, A_K, B_K)`` at ``scale`` (the factors
-    copied, the anchors referred to); None: W holds nothing for it."""
+    """Record that W holds ``adapter``'s move with ``tensors`` ``(A, B, A_K, B_K)`` at ``scale`` (all four
+    copied); None: W holds nothing for it. The adapter's in-place mark follows (``persistence.InplaceMarks``)."""
     if tensors is None:
         layer.delta_records.pop(adapter, None)
-        return
-    old = layer.delta_records.get(adapter)
-    copies = []
-    for held, value in zip((old.a, old.b) if old is not None else (None, None), tensors[:2]):
-        if held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device):
-            if held is not value:
-                held.copy_(value)
-            copies.append(held)
-        else:
-            copies.append(value.detach().clone())
-    layer.delta_records[adapter] = Record(*copies, tensors[2], tensors[3], scale, _stamp_now(layer, adapter))
+    else:
+        old = layer.delta_records.get(adapter)
+        held = old.tensors() if old is not None else (None,) * 4
+        copies = []
+        for mine, value in zip(held, tensors):
+            if mine is not None and (mine.shape, mine.dtype, mine.device) == (value.shape, value.dtype, value.device):
+                mine.copy_(value)
+                copies.append(mine)
+            else:
+                copies.append(value.detach().clone())
+        layer.delta_records[adapter] = Record(*copies, scale, adapter_stamp(live_tensors(layer, adapter)))
+    if adapter in layer.lora_inplace_move:
+        layer.lora_inplace_move.set_scale(adapter, 0.0 if tensors is None else scale)
 
 
 def mark_synced(layer: DeltaLayer) -> None:
     """The layer is at its invariant now: its forward check compares with this moment (see ``SyncState``)."""
-    in_place = [a for a, settings in layer.delta_settings.items() if settings.in_place]
-    slots = [slot for a in in_place for slot in layer.lora_factor_slots(a)]
-    layer._delta_state.synced(layer, slots, bool(layer.delta_records or in_place))
+    layer._delta_state.synced(layer)
 
 
-def unchanged(layer: DeltaLayer, adapter: str, parts: slice = slice(None)) -> bool:
+def record_unchanged(layer: DeltaLayer, adapter: str, parts: slice = slice(None)) -> bool:
     """Whether the adapter's live tensors (``parts`` of ``(A, B, A_K, B_K, flag)``) are the ones, unchanged, that
-    its record was taken from: identities and version counters, no tensor read. The factors also count as changed
-    after any optimizer step (fused optimizers do not bump version counters).
+    its record was taken from: identities and version counters, no tensor read. Writes that bump no version counter
+    (``.data``, fused optimizers) are not seen here: the updater marks its layers dirty after every step of its
+    optimizer, and the entry points compare by value.
 
     Always False for partitioned factors: every rank must then take part in the same gathers.
     """
     record = layer.delta_records.get(adapter)
-    if record is None:
+    if record is None or adapter not in layer.delta_settings:
         return False
-    steps, stamps = record.stamp
     live = live_tensors(layer, adapter)
-    if is_partitioned(live[0]) or ((parts.start or 0) < 2 and steps != _optimizer_steps[0]):
-        return False
-    return same_stamp(stamps[parts], live[parts])
+    return not is_partitioned(live[0]) and same_stamp(record.stamp[parts], live[parts])
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -377,19 +291,17 @@ def plan(
     """The moves that bring every layer's W to the invariant for its applied adapters.
 
     Returns the moves planned one by one (removals, whole moves), the incremental candidates ``(layer, adapter,
-    current tensors)``, whose rank-2r factors ``_group_incremental`` builds across layers, and the layers looked
-    at (with ``trust_stamps``, a layer whose forward check passes is not). An adapter with a
-    record of the same scale keeps its move when its anchors are the recorded ones: the record refers to them, or
-    (``trust_stamps``) they carry the record's stamps, or else they are compared by value, all with one host sync.
-    With ``trust_stamps`` an adapter whose tensors all carry their record's stamps is left alone (a layer marked
-    dirty is never trusted).
+    current tensors)``, whose rank-2r factors ``_group_incremental`` builds across layers (and whose anchors it
+    compares with the record's copies, by value, in the same host read), and the layers looked at. With
+    ``trust_stamps`` a clean layer whose forward check passes is not looked at, and an adapter whose tensors all
+    carry their record's stamps is left alone; a layer marked dirty is never trusted.
     """
-    moves, incremental, to_compare, visited = [], [], [], []
+    moves, incremental, visited = [], [], []
     for layer in layers:
         state = layer._delta_state
         trust = trust_stamps and not state.dirty
         if trust and applied is None and not state.partitioned and state.unchanged(layer):
-            continue  # no optimizer step, no event, the same factors at the same versions since its last sync
+            continue  # no event, the same factors at the same versions since its last sync
         if state.dirty and layer.has_meta_tensors():
             continue  # created empty and not loaded yet (low_cpu_mem_usage): it stays dirty until it is
         visited.append(layer)
@@ -403,29 +315,18 @@ def plan(
                     moves.append(_removal(layer, adapter, record))
                 continue
             if record is not None and record.scale == layer.move_scale(adapter):
-                if trust and unchanged(layer, adapter):
+                if trust and record_unchanged(layer, adapter):
                     continue
                 now = current_tensors(layer, adapter)
-                refers = record.a_k is now[2] and record.b_k is now[3]  # the record refers to the live anchors
-                if refers or (trust and unchanged(layer, adapter, slice(2, None))):
+                if all(_alike(held, live) for held, live in zip(record.tensors(), now)):
                     incremental.append((layer, adapter, now))
-                else:
-                    to_compare.append((layer, adapter, record, now))
-                continue
+                    continue
             moves += _replacement(layer, adapter, record)
-    if to_compare:
-        differ = [
-            (record.a_k != now[2]).any() | (record.b_k != now[3]).any()
-            if record.a_k.shape == now[2].shape and record.b_k.shape == now[3].shape
-            else torch.ones((), dtype=torch.bool, device=record.a_k.device)
-            for _, _, record, now in to_compare
-        ]
-        for (layer, adapter, record, now), moved in zip(to_compare, _read_flags(differ)):
-            if moved:
-                moves += _replacement(layer, adapter, record, now)
-            else:
-                incremental.append((layer, adapter, now))
     return moves, incremental, visited
+
+
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
 
 
 def _replacement(layer, adapter, record, now=None) -> list[Move]:
@@ -443,18 +344,22 @@ def _read_flags(tensors: list[torch.Tensor]) -> list[bool]:
 
 def _group_incremental(
     candidates: list[tuple[DeltaLayer, str, tuple[torch.Tensor, ...]]],
-) -> tuple[list[Move], list[torch.Tensor]]:
+) -> tuple[list[Move], list[torch.Tensor], list[torch.Tensor]]:
     """Incremental moves for many layers at once: ``U = [B' - B_p, B_p]``, ``V = [A'; A' - A_p]`` per layer.
 
     Layers whose factors have the same shapes, dtype and device are stacked, so that the factors and the norms of
     a whole group take a fixed number of batched ops; each move's U and V are views into its group's tensors
-    (already transposed where W is stored transposed). Returns the moves and one tensor of squares per group.
+    (already transposed where W is stored transposed). Returns the moves, one tensor of squares per group, and one
+    tensor per group that is 1 where the adapter's live anchors still equal its record's copies (by value: any
+    write to an anchor, ``.data`` included, makes it 0, and ``sync_layers`` then replaces the move whole).
     """
     groups: dict[tuple, list[tuple[DeltaLayer, str, tuple[torch.Tensor, ...]]]] = {}
     for item in candidates:
         layer, a, b = item[0], item[2][0], item[2][1]
-        groups.setdefault((a.shape, b.shape, a.dtype, b.dtype, a.device, layer.weight_is_transposed), []).append(item)
-    moves, squares = [], []
+        a_k, b_k = item[2][2], item[2][3]
+        kind = (a.shape, b.shape, a_k.shape, b_k.shape, a.dtype, b.dtype, a_k.dtype, b_k.dtype, a.device)
+        groups.setdefault((*kind, layer.weight_is_transposed), []).append(item)
+    moves, squares, same_anchors = [], [], []
     for (*_, transposed), items in groups.items():
         records = [layer.delta_records[adapter] for layer, adapter, _ in items]
         a_new = torch.stack([now[0] for _, _, now in items])
@@ -465,6 +370,13 @@ def _group_incremental(
         v = torch.cat([a_new, a_new - a_old], dim=1)  # G x 2r x k
         u32, v32 = (u, v) if u.dtype in (torch.float32, torch.float64) else (u.float(), v.float())
         squares.append(((u32.mT @ u32) * (v32 @ v32.mT)).sum(dim=(1, 2)))  # ||U_i V_i||_F^2 from 2r x 2r Grams
+        same = [
+            (torch.stack([now[i] for _, _, now in items]) == torch.stack([r.tensors()[i] for r in records]))
+            .flatten(1)
+            .all(dim=1)
+            for i in (2, 3)
+        ]
+        same_anchors.append(same[0] & same[1])
         left, right = (v.mT, u.mT) if transposed else (u, v)  # W += alpha * left_i @ right_i
         # the record's new factors are views of the stacks (torch._foreach_copy_ from a parameter would make the
         # record require grad, even under no_grad)
@@ -472,7 +384,7 @@ def _group_incremental(
         for (layer, adapter, now), record, (left_i, right_i, a_i, b_i) in zip(items, records, views):
             scale = record.scale
             moves.append(Move(layer, adapter, left_i, right_i, scale, (a_i, b_i, *now[2:]), True, None, oriented=True))
-    return moves, squares
+    return moves, squares, same_anchors
 
 
 # -- carrying out ---------------------------------------------------------------------------------------------
@@ -523,7 +435,8 @@ def read_scalars(parts: list[torch.Tensor]) -> list[float]:
 
 
 def _copy_records(moves: list[Move]) -> None:
-    """Records of the written incremental moves: the factors are copied with one grouped op per dtype/device."""
+    """Records of the incremental moves carried out or found empty: the factors are copied (one grouped op per
+    dtype/device) and the stamps taken anew; the anchors' copies stay (the anchors were found equal to them)."""
     by_kind: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for m in moves:
         record = m.layer.delta_records[m.adapter]
@@ -531,8 +444,7 @@ def _copy_records(moves: list[Move]) -> None:
             dst, src = by_kind.setdefault((held.dtype, held.device), ([], []))
             dst.append(held)
             src.append(value)
-        record.a_k, record.b_k = m.layer.lora_anchor_A[m.adapter], m.layer.lora_anchor_B[m.adapter]  # equal: refer
-        record.stamp = _stamp_now(m.layer, m.adapter)
+        record.stamp = adapter_stamp(live_tensors(m.layer, m.adapter))
     for dst, src in by_kind.values():
         torch._foreach_copy_(dst, src)
 
@@ -584,12 +496,14 @@ def sync_layers(
     applied: Iterable[str] | None = None,
     trust_stamps: bool = False,
 ) -> SyncResult:
-    """Bring every layer's W to its invariant, reading the norms of all planned moves with ONE host sync.
+    """Bring every layer's W to its invariant, reading the norms of all planned moves with ONE host sync (a second
+    one only where an anchor was found written behind the layer's back).
 
     The one code path of every W change. ``applied``: the adapters whose moves W must hold (default: each layer's
     ``applied_adapters``). ``trust_stamps`` (the updater after an optimizer
-    step): adapters whose tensors carry their record's identities and version counters are skipped without a
-    read; otherwise everything is compared by value (entry points), which also sees writes through ``.data``.
+    step): clean layers and adapters whose tensors carry their record's identities and version counters are
+    skipped without a read; otherwise the factors and anchors are compared by value with the records' copies,
+    which also sees writes through ``.data``.
     """
     layers = list(layers)
     with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) turns grad mode on
@@ -597,12 +511,20 @@ def sync_layers(
         refresh_flags(checked)
         adopt_copied_anchors(checked)
         moves, candidates, visited = plan(layers, applied, trust_stamps=trust_stamps)
-        grouped, group_squares = _group_incremental(candidates)
-        moves += grouped  # after the individual ones, as in `parts` below
+        grouped, group_squares, group_same = _group_incremental(candidates)
         parts = [m.square.reshape(1).float() for m in moves if m.square is not None] + group_squares
-        squares = [sq * m.alpha**2 for m, sq in zip(moves, read_scalars(parts))]
+        n, g = len(moves), len(grouped)
+        values = read_scalars(parts + [same.float() for same in group_same])  # the one host read
+        kept = [(m, sq) for m, sq, same in zip(grouped, values[n : n + g], values[n + g :]) if same]
+        stale = [m for m, same in zip(grouped, values[n + g :]) if not same]
+        # an anchor written behind the layer's back (.data): take the recorded move out, put the whole one in
+        extra = [move for m in stale for move in _replacement(m.layer, m.adapter, m.layer.delta_records[m.adapter])]
+        extra_squares = read_scalars([m.square.reshape(1).float() for m in extra]) if extra else []
+        moves = moves + extra + [m for m, _ in kept]
+        unscaled = values[:n] + extra_squares + [sq for _, sq in kept]
+        squares = [sq * m.alpha**2 for m, sq in zip(moves, unscaled)]
         wrote = [_apply(m, sq, generator_for(m.layer)) for m, sq in zip(moves, squares)]
-        _copy_records([m for m, w in zip(moves, wrote) if w and m.incremental])
+        _copy_records([m for m, sq in zip(moves, squares) if m.incremental and math.isfinite(sq)])
     for layer in visited:
         mark_synced(layer)
     return SyncResult(

@@ -113,7 +113,6 @@ class DeltaLoraLayer:
     def _init_delta_state(self) -> None:
         if hasattr(self, "lora_anchored"):
             return
-        invariant.install_hooks()
         self.lora_anchor_A = persistence.AnchorDict()
         self.lora_anchor_B = persistence.AnchorDict()
         self.lora_anchored = persistence.AnchorDict()
@@ -151,19 +150,14 @@ class DeltaLoraLayer:
         self.lora_anchored[adapter_name] = torch.zeros(1, dtype=a.dtype, device=device)
         self.lora_warmup_steps[adapter_name] = torch.zeros(1, dtype=torch.int64, device=device)
         if self.delta_settings[adapter_name].in_place:
-            self.lora_inplace_move[adapter_name] = persistence.encode_scale(0.0, device)
+            self.lora_inplace_move[adapter_name] = persistence.mark(0.0, device)
         self._anchored[adapter_name] = False
         self._delta_state.touch()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): new tensors everywhere
-        records = self.__dict__.get("delta_records", {})
-        refers = {a: (r.a_k is self.lora_anchor_A[a], r.b_k is self.lora_anchor_B[a]) for a, r in records.items()}
         result = super()._apply(fn, recurse)
-        for adapter, record in records.items():  # the records follow: the new live anchors, or converted copies
-            a_live, b_live = refers[adapter]
-            record.a, record.b = fn(record.a), fn(record.b)
-            record.a_k = self.lora_anchor_A[adapter] if a_live else fn(record.a_k)
-            record.b_k = self.lora_anchor_B[adapter] if b_live else fn(record.b_k)
+        for record in self.__dict__.get("delta_records", {}).values():  # the records' copies follow
+            record.a, record.b, record.a_k, record.b_k = (fn(t) for t in record.tensors())
         self._delta_state.touch()
         return result
 

@@ -15,6 +15,7 @@ After the load the records say exactly that, and one sync brings W to the invari
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -70,54 +71,137 @@ class AnchorDict(nn.Module):
 
 
 class _Mark(_Anchor):
-    """A mark is written from the records when a state dict is taken and read by the layer's load hook
-    (``before_load``), never loaded into: a state dict without it (factored mode, a base model, an older version)
-    reports no missing key."""
+    """An in-place mark: a float64 value that no dtype cast changes (``model.half()`` converts every floating buffer;
+    the mark is the scale of a move, kept exact). Written only through ``InplaceMarks.set_scale`` when a record
+    changes, and never loaded into: the layer's load hook reads it from the state dict (``before_load``), so a state
+    dict without it (factored mode, a base model, an older version) reports no missing key."""
+
+    def _apply(self, fn, recurse: bool = True):
+        value = self.weight
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float64:  # a cast: the value stays, in float64, on the new device
+            self.weight = value.to(device=self.weight.device, dtype=torch.float64)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
         return
 
 
 class InplaceMarks(AnchorDict):
-    """``lora_inplace_move.<adapter>.weight`` of in-place adapters: the scale at which W, in a state dict, holds the
-    adapter's move (0: none), stored as the bits of a float64 in an int64 (``encode_scale``) so that dtype casts such
-    as ``model.half()`` leave it exact. So a state dict says which mode wrote it. Buffers, so that every key of a
-    state dict is an attribute path (PEFT's hotswap, ``get_base_model_state_dict``'s adapter keys)."""
+    """``lora_inplace_move.<adapter>.weight`` of in-place adapters: the scale at which W holds the adapter's move
+    (0: none), a float64 value kept current by ``invariant.set_record`` (every record change), so that a state dict,
+    ``named_buffers()`` or any other reader sees what W holds now. So a state dict says which mode wrote it. Buffers,
+    so that every key of a state dict is an attribute path (PEFT's hotswap, ``get_base_model_state_dict``)."""
 
     def __setitem__(self, adapter: str, value: torch.Tensor) -> None:
         self.add_module(adapter, _Mark(value.detach()))
 
-
-def encode_scale(scale: float, device: torch.device | str | None = None) -> torch.Tensor:
-    """``scale`` as the bits of a float64 in a 1-element int64 tensor."""
-    return torch.tensor([scale], dtype=torch.float64, device=device).view(torch.int64)
+    def set_scale(self, adapter: str, scale: float) -> None:
+        self[adapter].fill_(scale)
 
 
-def decode_scale(value: torch.Tensor) -> float:
-    """The inverse of ``encode_scale``."""
-    return float(value.reshape(1).view(torch.float64))
+def mark(scale: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """A mark's value: ``scale`` as a 1-element float64 tensor."""
+    return torch.tensor([scale], dtype=torch.float64, device=device)
+
+
+def decode_mark(value: torch.Tensor) -> float:
+    """A loaded mark's value, in any floating dtype. A 1-element int64 mark is 0.4's format: the bits of a float64."""
+    if value.dtype == torch.int64 and value.numel() == 1:
+        return float(value.reshape(1).view(torch.float64))
+    return float(value.reshape(-1)[0])
 
 
 def before_state_dict(module: DeltaLayer, prefix: str, keep_vars: bool) -> None:
-    """Before a state dict is taken: W in step with the adapters, and the marks say what it holds."""
-    # A saved W is the W the saved tensors describe: compare by value (sees .data writes). Whoever receives the
-    # state dict holds the live tensors and may write them through .data: check again before the next forward.
-    if not module.is_partitioned():  # ZeRO-3/FSDP: taken inside the framework's own gather; the updater syncs
-        module.sync_base_weight()
-        invariant.snapshot_anchors(module)
-        module._delta_state.touch()
-    with torch.no_grad():
-        for adapter in module.lora_inplace_move:
-            record = module.delta_records.get(adapter)
-            mark = module.lora_inplace_move[adapter]
-            mark.copy_(encode_scale(0.0 if record is None else record.scale, mark.device))
+    """Before a state dict is taken: reading changes nothing (the marks are always current). Whoever receives the
+    state dict holds the live tensors and may write them through ``.data``: the next forward checks by value."""
+    module._delta_state.touch()
+
+
+def loaded_value_problems(layer: DeltaLayer, state_dict: dict, prefix: str) -> list[str]:
+    """Every reason why the values ``state_dict`` brings for ``layer`` (keys under ``prefix``) cannot be loaded, by
+    value, whatever their dtype: factors and anchors floating, finite and of the layer's shapes; a flag exactly 0 or
+    1; a warm-up count a non-negative integer; an adapter's factors, anchors and flag all present once any of its
+    anchors or its flag is; a mark a finite number that is 0 or the adapter's scale here, and 0 for an adapter that
+    this model lacks (W would hold a move that no adapter owns)."""
+    problems = []
+    for adapter in layer.delta_settings:
+        a_key, b_key = layer.lora_factor_keys(adapter)
+        live = dict(zip((a_key, b_key), layer.lora_factors(adapter)))
+        own = {name: f"{name}.{adapter}.weight" for name in ("lora_anchor_A", "lora_anchor_B", "lora_anchored")}
+        live[own["lora_anchor_A"]], live[own["lora_anchor_B"]] = (
+            layer.lora_anchor_A[adapter],
+            layer.lora_anchor_B[adapter],
+        )
+        for name, like in live.items():
+            value = state_dict.get(prefix + name)
+            if value is None:
+                continue
+            if not value.is_floating_point():
+                problems.append(f"{prefix}{name} has dtype {value.dtype}, not a floating-point dtype")
+            elif tuple(value.shape) != tuple(like.shape) and not like.is_meta and not _is_partitioned_value(like):
+                problems.append(f"{prefix}{name} has shape {tuple(value.shape)}, the layer's is {tuple(like.shape)}")
+            elif not value.is_meta and not torch.isfinite(value).all():
+                problems.append(f"{prefix}{name} has non-finite values")
+        flag = state_dict.get(prefix + own["lora_anchored"])
+        if flag is not None and not flag.is_meta:
+            if flag.numel() != 1 or float(flag.reshape(-1)[0]) not in (0.0, 1.0):
+                problems.append(f"{prefix}{own['lora_anchored']} is {flag.reshape(-1)[:4].tolist()}, not 0 or 1")
+        count = state_dict.get(f"{prefix}lora_warmup_steps.{adapter}.weight")
+        if count is not None and not count.is_meta:
+            number = float(count.reshape(-1)[0]) if count.numel() == 1 else math.nan
+            if not (math.isfinite(number) and number >= 0 and number == int(number)):
+                problems.append(f"{prefix}lora_warmup_steps.{adapter}.weight is not a non-negative integer count")
+        wanted = [a_key, b_key, *own.values()]
+        if any(prefix + own[name] in state_dict for name in own):
+            missing = [name for name in wanted if prefix + name not in state_dict]
+            if missing:
+                problems.append(f"{prefix}: adapter '{adapter}' comes without {', '.join(missing)}")
+    for key in [k for k in state_dict if k.startswith(f"{prefix}lora_inplace_move.")]:
+        adapter = key.removeprefix(f"{prefix}lora_inplace_move.").removesuffix(".weight")
+        value = state_dict[key]
+        scale = decode_mark(value) if value.numel() == 1 and not value.is_meta else math.nan
+        if not math.isfinite(scale):
+            problems.append(f"{key} is not one finite number")
+        elif scale != 0.0 and adapter not in layer.delta_settings:
+            problems.append(
+                f"{key} says W holds the move of adapter '{adapter}', which this model does not have (a state dict "
+                "of another adapter's model?): no adapter would own that move"
+            )
+        elif scale != 0.0 and not _same_scale(scale, layer.move_scale(adapter), value.dtype):
+            problems.append(
+                f"{key} says W holds adapter '{adapter}''s move at scale {scale:g}, but its scale here is "
+                f"{layer.move_scale(adapter):g} (a mark cast to another dtype, or a changed scaling)"
+            )
+    return problems
+
+
+def _same_scale(saved: float, here: float, dtype: torch.dtype) -> bool:
+    """Whether a mark saved in ``dtype`` (rounded there) is this scale."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 2.0**-52
+    return abs(saved - here) <= 4 * eps * max(abs(here), 1e-30)
+
+
+def _is_partitioned_value(t: torch.Tensor) -> bool:
+    return is_partitioned(t) or t.numel() == 0  # ZeRO-3 keeps an empty placeholder
+
+
+def check_loaded_values(layer: DeltaLayer, state_dict: dict, prefix: str) -> None:
+    """Raise before anything is written if ``loaded_value_problems`` finds any."""
+    problems = loaded_value_problems(layer, state_dict, prefix)
+    if problems:
+        raise ValueError(
+            f"Delta-LoRA: this state dict cannot be loaded: {'; '.join(problems[:6])}"
+            f"{' ...' if len(problems) > 6 else ''}. Nothing was loaded into this layer. Load a state dict saved from "
+            "a model with the same adapters (model.state_dict() / save_pretrained), unchanged."
+        )
 
 
 def before_load(module: DeltaLayer, state_dict, prefix: str, *args: Any) -> None:
-    """Before a load: read the marks, decide what a loaded W holds, warn about a partial state dict."""
-    invariant.snapshot_anchors(module)  # the load writes the live anchors in place
+    """Before a load: check every value, read the marks, decide what a loaded W holds, warn about a partial one."""
+    check_loaded_values(module, state_dict, prefix)
     marks = {
-        key.removeprefix(f"{prefix}lora_inplace_move.").removesuffix(".weight"): decode_scale(state_dict.pop(key))
+        key.removeprefix(f"{prefix}lora_inplace_move.").removesuffix(".weight"): decode_mark(state_dict.pop(key))
         for key in [k for k in state_dict if k.startswith(f"{prefix}lora_inplace_move.")]
     }
     original = module.__dict__.pop("_loads_original_base", False)
@@ -136,7 +220,8 @@ def after_load(module: DeltaLayer, incompatible_keys: Any) -> None:
     if holds is not None and holds != "unchanged":  # W was replaced: record what the loaded W holds
         with torch.no_grad():
             invariant.refresh_flags([module])
-            module.delta_records.clear()
+            for adapter in list(module.delta_records):
+                invariant.set_record(module, adapter, None, 0.0)
             if holds == "legacy":
                 holds = {adapter: module.move_scale(adapter) for adapter in module.applied_adapters()}
             for adapter, scale in holds.items():

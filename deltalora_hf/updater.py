@@ -1,8 +1,8 @@
 """``DeltaLoraUpdater``: the base-weight update of Algorithm 1, for any training loop.
 
-Call ``DeltaLoraUpdater.step`` once after every ``optimizer.step()``::
+Call ``DeltaLoraUpdater.step`` once after every ``optimizer.step()``, and give the updater that optimizer::
 
-    updater = DeltaLoraUpdater(model)
+    updater = DeltaLoraUpdater(model, optimizer=optimizer)
     for batch in loader:
         loss = model(**batch).loss
         loss.backward()
@@ -10,7 +10,7 @@ Call ``DeltaLoraUpdater.step`` once after every ``optimizer.step()``::
         updater.step()          # W += lambda * s * (B'A' - BA) once the adapter is anchored
         optimizer.zero_grad()
 
-``DeltaLoRACallback`` drives the same object from ``Trainer``.
+``DeltaLoRACallback`` drives the same object from ``Trainer`` (with the Trainer's optimizer).
 
 The updater does two things. It *anchors* each active adapter at the end of its own optimizer step
 ``t == start_step`` (counted from 0 in the adapter's saved warm-up count ``lora_warmup_steps``, which a resumed
@@ -18,14 +18,26 @@ run, a new process or a second trainer continues), recording ``(A_K, B_K)``. And
 layer (``DeltaLoraLayer.sync_base_weight``): W follows the factors of every anchored in-place adapter, which
 after an optimizer step is exactly ``W += lambda * s * (B'A' - BA)``. The anchor belongs to the adapter, not to
 the run: once anchored, W moves on every later optimizer step of any run, resumed or new. The sync is idempotent,
-so a second updater or callback on the same model changes nothing (no doubled update). All state that survives a
-step lives on the layers (the step counts included); the updater holds only a label for its statistics and the
-random generator of the stochastic rounding.
+so a second updater or callback on the same model changes nothing (no doubled update).
+
+What counts as a step of an adapter's warm-up:
+
+* With ``optimizer=``: each ``step()`` of that optimizer, seen by its own step post hook
+  (``torch.optim.Optimizer.register_step_post_hook``, on that optimizer only), for the adapters whose factors it
+  trains (every trainable adapter when it holds none of the model's factors, e.g. DeepSpeed's flat partitions). A
+  step the optimizer did not take (a ``GradScaler`` skip) does not count; one it took does, at any learning rate,
+  whatever else runs in the process. Every updater given the same optimizer shares its count, so one step counts
+  once however many updaters or callbacks run for it. An optimizer that holds only one of an adapter's two factors
+  is refused: with two optimizers each holding part of an adapter, a "step" of the adapter is not defined.
+* Without an optimizer: a ``step()`` call after which the adapter's factors differ, by value, from what they were at
+  the previous count (copies kept on the layer while the adapter warms up). It cannot tell a skipped step from a
+  step that left the factors unchanged (learning rate 0, zero gradients): neither counts.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,7 +46,7 @@ from torch import nn
 
 from ._distributed import check_writable_in_place, full_values
 from .functional import delta_factors, low_rank_frobenius_sq
-from .invariant import optimizer_steps, read_scalars, sync_layers, version
+from .invariant import read_scalars, sync_layers
 from .layer import DeltaLoraLayer
 from .model import delta_lora_layers
 
@@ -60,15 +72,6 @@ def find_delta_lora_layers(model: nn.Module) -> list[DeltaLoraLayer]:
     return layers
 
 
-def _adapters_key(model: nn.Module) -> tuple | None:
-    """What changes when adapters (and so Delta-LoRA layers) are added or removed: the names in ``peft_config``."""
-    for owner in (model, getattr(model, "module", None)):
-        config = getattr(owner, "peft_config", None)
-        if isinstance(config, dict):
-            return id(owner), id(config), tuple(config)
-    return None
-
-
 def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLayer, str]]:
     """``(layer, adapter)`` for every active Delta-LoRA adapter with lambda != 0 (the ones whose W moves)."""
     for layer in layers:
@@ -78,59 +81,110 @@ def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLa
                 yield layer, adapter
 
 
-def _took_a_step(layer: DeltaLoraLayer, adapter: str) -> bool:
-    """Whether the adapter took an optimizer step since its count last counted one: its factors are trained, and the
-    process's optimizer-step count (fused optimizers bump no version counter) or the factors' versions (a hand-made
-    update) moved. So a second updater or callback on the same model, called for the same step, counts nothing, and
-    a frozen adapter (a reference) takes no steps."""
-    a, b = layer.lora_factors(adapter)
-    if not (a.requires_grad or b.requires_grad):
-        return False
-    now = (optimizer_steps(), version(a), version(b))
-    if layer.delta_counted.get(adapter) == now:
-        return False
-    layer.delta_counted[adapter] = now
-    return True
+def _innermost(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``step`` really runs (accelerate's and DeepSpeed's wrappers keep it as ``.optimizer``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class _OptimizerSteps:
+    """The steps one optimizer has taken since an updater was first given it, counted by that optimizer's own step
+    post hook, and, per layer and adapter, the count at which the adapter's warm-up last counted them. Shared by all
+    updaters given the same optimizer (``_STEPS``), so one step counts once; the models whose layers each step
+    marks for a value check (fused optimizers bump no version counter) are held weakly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.taken = 0
+        self.counted: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+        self.models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.handle = optimizer.register_step_post_hook(self._after_step)
+
+    @torch.compiler.disable
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self.taken += 1
+        for model in list(self.models):
+            for layer in delta_lora_layers(model):
+                layer._delta_state.touch()
+
+
+# Optimizer -> its step count, weakly keyed: it counts that optimizer's steps only and goes with it. It registers
+# nothing process-wide; each counter is one hook on one optimizer.
+_STEPS: weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptimizerSteps] = weakref.WeakKeyDictionary()
+
+
+def _steps_of(optimizer: torch.optim.Optimizer) -> _OptimizerSteps:
+    optimizer = _innermost(optimizer)
+    if optimizer not in _STEPS:
+        _STEPS[optimizer] = _OptimizerSteps(optimizer)
+    return _STEPS[optimizer]
+
+
+def _factor_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in _innermost(optimizer).param_groups for p in group["params"]}
 
 
 class DeltaLoraUpdater:
     """Moves every targeted base weight after each optimizer step, as in Algorithm 1 of Zi et al. (2023).
 
     The update is one fused rank-2r in-place GEMM per layer (``deltalora_hf.functional.add_low_rank_``) from
-    the factors the layer cached at its last sync (``r (d + k)`` numbers, never the product ``B A``). A step that
+    the factors the layer's record holds (``r (d + k)`` numbers, never the product ``B A``). A step that
     left the factors unchanged (e.g. skipped by the fp16 grad scaler) moves nothing; a non-finite delta is skipped
     with a warning and W is untouched. In ``base_update="factored"`` mode the updater only anchors (the forward
-    pass adds the move, W is never written). One host synchronisation per step.
+    pass adds the move, W is never written). Two host reads per step (the flags, then the norms of the moves).
 
     Args:
         model: the PEFT model (or any module containing Delta-LoRA layers).
+        optimizer: the optimizer that trains the adapters' factors. Its own steps are the adapters' warm-up steps
+            (see the module docstring); without it, a ``step()`` after which the factors changed counts.
         seed: seed of the stochastic rounding used for bfloat16/float16 weights; every process of a
             data-parallel job must use the same seed so that the weights stay identical.
     """
 
-    def __init__(self, model: nn.Module, *, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, seed: int = 0) -> None:
         self.model = model
         self.seed = seed
         self.next_step = 0
         self.last = UpdateStats()
         self.moves_in_run = 0  # steps that moved some (effective) W since the last start_run()
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._layers: list[DeltaLoraLayer] = []
-        self._layers_key: tuple | None = None
-        for layer in find_delta_lora_layers(model):
+        self._steps: _OptimizerSteps | None = None
+        self._held: set[int] = set()
+        self._last_taken = 0
+        layers = find_delta_lora_layers(model)
+        for layer in layers:
             layer.delta_driven = True  # silences the "training without an updater" warning
             if any(a in layer.delta_settings and layer.delta_settings[a].in_place for a in layer.active_adapters):
                 # refuse before any step, not at step K + 1
                 check_writable_in_place(layer.get_base_layer().weight, f"layer {type(layer).__name__}")
+        if optimizer is not None:
+            self.watch(optimizer)
+        self._remember_factors(layers)
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count the warm-up in ``optimizer``'s steps from now on (``DeltaLoRACallback`` passes the Trainer's)."""
+        if self._steps is not None and _STEPS.get(_innermost(optimizer)) is self._steps:
+            return
+        held = _factor_ids(optimizer)
+        for layer, adapter in _moving_adapters(self.layers()):
+            inside = [id(t) in held for t in layer.lora_factors(adapter)]
+            if any(inside) and not all(inside):
+                raise ValueError(
+                    f"The optimizer given to DeltaLoraUpdater holds only one of the two factors of Delta-LoRA adapter "
+                    f"'{adapter}': with two optimizers each holding part of an adapter, one warm-up step of it is not "
+                    "defined. Put both factors (lora_A and lora_B) in one optimizer. Nothing was changed."
+                )
+        self._steps = _steps_of(optimizer)
+        self._steps.models.add(self.model)
+        self._held = held
+        self._last_taken = self._steps.taken
 
     def layers(self) -> list[DeltaLoraLayer]:
-        """The model's Delta-LoRA layers; walked again only when its set of adapters changed."""
-        key = _adapters_key(self.model)
-        if key is None or key != self._layers_key:
-            self._layers, self._layers_key = find_delta_lora_layers(self.model), key
-            for layer in self._layers:
-                layer.delta_driven = True  # silences the "training without an updater" warning
-        return self._layers
+        """The model's Delta-LoRA layers, found anew on every call (adapters may have been added or deleted)."""
+        layers = find_delta_lora_layers(self.model)
+        for layer in layers:
+            layer.delta_driven = True  # silences the "training without an updater" warning
+        return layers
 
     def start_run(self) -> int:
         """Start a new run (step counter at 0) with W in step with the adapters; return the number of W writes."""
@@ -142,13 +196,56 @@ class DeltaLoraUpdater:
         """Bring every layer to its invariant (see ``deltalora_hf.invariant``); return the number of W writes."""
         return len(sync_layers(self.layers(), generator_for=self._generator).written)
 
+    def _remember_factors(self, layers: list[DeltaLoraLayer]) -> None:
+        """Without an optimizer: copies of the warming adapters' factors, which the next count compares with."""
+        if self._steps is not None:
+            return
+        with torch.no_grad():
+            for layer, adapter in _moving_adapters(layers):
+                if not layer.is_anchored(adapter) and adapter not in layer.delta_counted:
+                    layer.delta_counted[adapter] = tuple(
+                        t.detach().clone() for t in full_values(*layer.lora_factors(adapter))
+                    )
+
+    def _steps_taken(self, warming: list[tuple[DeltaLoraLayer, str]]) -> list[int]:
+        """How many of its warm-up steps each warming adapter took since its count last counted (module docstring)."""
+        trained = [any(t.requires_grad for t in layer.lora_factors(adapter)) for layer, adapter in warming]
+        if self._steps is not None:
+            steps, taken = self._steps, self._steps.taken
+            holds_any = any(id(t) in self._held for layer, a in warming for t in layer.lora_factors(a))
+            out = []
+            for (layer, adapter), train in zip(warming, trained):
+                counted = steps.counted.setdefault(layer, {})
+                since = counted.get(adapter, self._last_taken)
+                counted[adapter] = taken
+                held = not holds_any or id(layer.lora_factors(adapter)[0]) in self._held
+                out.append(taken - since if train and held else 0)
+            self._last_taken = taken
+            return out
+        with torch.no_grad():
+            pairs = [(layer, adapter, full_values(*layer.lora_factors(adapter))) for layer, adapter in warming]
+            seen = [layer.delta_counted.get(adapter) for layer, adapter in warming]
+            changed = [
+                torch.ones((), dtype=torch.bool)
+                if old is None or any(o.shape != n.shape for o, n in zip(old, now))
+                else (old[0] != now[0]).any() | (old[1] != now[1]).any()
+                for (_, _, now), old in zip(pairs, seen)
+            ]
+            flags = read_scalars([c.reshape(1).float() for c in changed]) if changed else []
+            out = []
+            for (layer, adapter, now), old, flag, train in zip(pairs, seen, flags, trained):
+                layer.delta_counted[adapter] = tuple(t.detach().clone() for t in now)
+                out.append(int(flag != 0.0 and old is not None and train))
+            return out
+
     def step(self, step: int | None = None) -> UpdateStats:
         """Count the optimizer step that was just taken, anchor where due, then move W for it.
 
-        Every active Delta-LoRA adapter that is not anchored yet and whose factors are trained counts the step in
-        its own saved counter (``lora_warmup_steps``); it anchors once it has taken ``start_step + 1`` steps, so W
-        moves on its steps ``t > K`` (``t`` counted from 0), however the training was split into runs, processes or
-        trainers. Once anchored the count stays at ``K + 1`` (nothing is launched for it any more).
+        Every active Delta-LoRA adapter that is not anchored yet counts the warm-up steps it took (module
+        docstring) in its own saved counter (``lora_warmup_steps``); it anchors once it has taken
+        ``start_step + 1`` steps, so W moves on its steps ``t > K`` (``t`` counted from 0), however the training was
+        split into runs, processes or trainers. Once anchored the count stays at ``K + 1`` (nothing is launched for
+        it any more).
 
         Args:
             step: a label for ``UpdateStats.step`` (``Trainer`` passes ``state.global_step``); defaults to one more
@@ -160,16 +257,19 @@ class DeltaLoraUpdater:
         moving = list(_moving_adapters(layers))
         anchored_before = [(layer, adapter) for layer, adapter in moving if layer.is_anchored(adapter)]
         warming = [(layer, adapter) for layer, adapter in moving if not layer.is_anchored(adapter)]
-        pending = [(layer, adapter) for layer, adapter in warming if _took_a_step(layer, adapter)]
+        taken = self._steps_taken(warming) if warming else []
+        pending = [(pair, n) for pair, n in zip(warming, taken) if n > 0]
         if pending:  # one op and one host sync per step, only until every adapter is anchored
             with torch.no_grad():
-                torch._foreach_add_([layer.lora_warmup_steps[adapter] for layer, adapter in pending], 1)
-            counts = read_scalars([layer.lora_warmup_steps[adapter] for layer, adapter in pending])  # int64, 1 each
-            for (layer, adapter), count in zip(pending, counts):
+                for (layer, adapter), n in pending:
+                    layer.lora_warmup_steps[adapter].add_(n)
+            counts = read_scalars([layer.lora_warmup_steps[adapter] for (layer, adapter), _ in pending])  # int64
+            for ((layer, adapter), _), count in zip(pending, counts):
                 if count > layer.delta_settings[adapter].start_step:
                     layer.set_anchor(adapter)
-        # in place: W += lambda s (B'A' - BA); factors whose version counters did not change are not read
-        result = sync_layers(layers, generator_for=self._generator, trust_stamps=True)
+                    layer.delta_counted.pop(adapter, None)
+        # in place: W += lambda s (B'A' - BA); with an optimizer, layers its last step did not touch are not read
+        result = sync_layers(layers, generator_for=self._generator, trust_stamps=self._steps is not None)
         self.moves_in_run += bool(anchored_before)
         factored_moved = sum(layer.delta_settings[adapter].factored for layer, adapter in anchored_before)
         self.last = UpdateStats(
