@@ -41,6 +41,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.utils.parametrize
 
 from . import functional
 
@@ -136,9 +137,19 @@ def in_place_problem(weight: torch.Tensor) -> str | None:
     return None
 
 
-def check_writable_in_place(weight: torch.Tensor, name: str) -> None:
-    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless ``add_low_rank_`` can update
-    ``weight`` in place (see ``in_place_problem``)."""
+def check_writable_in_place(base: torch.nn.Module, name: str) -> None:
+    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless ``add_low_rank_`` can update the weight of
+    the base layer ``base`` in place, so that the write reaches the tensor its forward reads: not through a
+    parametrization (``torch.nn.utils.parametrize``: ``base.weight`` is then computed anew on every read, and a write
+    to it is lost), nor into a weight that ``in_place_problem`` rules out."""
+    if torch.nn.utils.parametrize.is_parametrized(base, "weight"):
+        raise RuntimeError(
+            f"Delta-LoRA cannot update the base weight of {name} in place: it is parametrized "
+            "(torch.nn.utils.parametrize), so W is computed from another tensor on every read and a write to it would "
+            "be lost. Nothing was changed. Use DeltaLoraConfig(base_update='factored'), which never writes W, or "
+            "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations)."
+        )
+    weight = base.weight
     reason = in_place_problem(weight)
     if reason is None:
         return

@@ -405,7 +405,7 @@ def _apply(move: Move, square: float, generator: torch.Generator | None) -> bool
     written = square != 0.0
     if written:
         weight = layer.get_base_layer().weight
-        check_writable_in_place(weight, f"a layer of adapter '{move.adapter}'")
+        check_writable_in_place(layer.get_base_layer(), f"a layer of adapter '{move.adapter}'")
         add_low_rank_(
             weight,
             move.u,

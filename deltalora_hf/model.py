@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
+import torch.nn.utils.parametrize
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import invariant
+from . import invariant, persistence
 from ._distributed import in_place_problem, is_dtensor
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, is_bnb_layer
 from .config import BaseUpdate, DeltaLoraConfig
@@ -60,6 +62,12 @@ def check_target(base: nn.Module, name: str, base_update: BaseUpdate) -> None:
             f"Delta-LoRA cannot target '{name}': its weight is a {type(weight).__name__}, a tensor subclass "
             "Delta-LoRA does not know (e.g. a quantized weight); plain tensors and DTensors (FSDP2) are supported. "
             "Remove it from target_modules."
+        )
+    if base_update == "inplace" and torch.nn.utils.parametrize.is_parametrized(base, "weight"):
+        raise ValueError(
+            f"Delta-LoRA cannot target '{name}' with base_update='inplace': its weight is parametrized "
+            "(torch.nn.utils.parametrize), so a write to W would be lost. Use DeltaLoraConfig(base_update='factored'), "
+            "which never writes W, or remove the parametrization first."
         )
     problem = in_place_problem(weight) if base_update == "inplace" and is_dtensor(weight) else None
     if problem is not None:  # e.g. a tensor-parallel layout: refused now rather than at the first W update
@@ -115,6 +123,10 @@ class DeltaLoraModel(LoraModel):
 
     prefix: str = "lora_"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_pre_hook(_check_whole_load)
+
     def _check_new_adapter_config(self, config: DeltaLoraConfig) -> None:
         if not isinstance(config, DeltaLoraConfig):
             raise TypeError(f"DeltaLoraModel needs a DeltaLoraConfig, got {type(config).__name__}.")
@@ -166,10 +178,6 @@ class DeltaLoraModel(LoraModel):
                 f"was left as it was (no adapter '{adapter_name}' was added)."
             )
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        for name, layer in model.named_modules():  # an adapter file's base weights are the original base's
-            key = f"{name}.base_layer.weight"  # PEFT maps it to the model later when the model is not a PeftModel
-            if isinstance(layer, DeltaLoraLayer) and (key in remapped or f"base_model.model.{key}" in remapped):
-                layer._loads_original_base = True
         current = model.state_dict()
         mismatched = [
             (key, tuple(value.shape), tuple(current[key].shape))
@@ -179,6 +187,10 @@ class DeltaLoraModel(LoraModel):
         if mismatched:
             remove_adapter_everywhere(model, adapter_name)
             raise ValueError(_mismatch_message(adapter_name, config, mismatched))
+        for name, layer in model.named_modules():  # an adapter file's base weights are the original base's
+            key = f"{name}.base_layer.weight"  # PEFT maps it to the model later when the model is not a PeftModel
+            if isinstance(layer, DeltaLoraLayer) and (key in remapped or f"base_model.model.{key}" in remapped):
+                layer._loads_original_base = True  # read (and dropped) by the layer's load hook
         return remapped
 
     @classmethod
@@ -248,6 +260,18 @@ class DeltaLoraModel(LoraModel):
         return super().unload()
 
 
+def _check_whole_load(module: nn.Module, state_dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` through the PeftModel or this model checks every Delta-LoRA layer's values
+    (``persistence.loaded_value_problems``) before any tensor is copied, so a refusal leaves the model as it was. (The
+    key check of ``strict=True`` is PyTorch's, after it has copied: a pre-hook is not told the caller's ``strict``;
+    a W that would hold a move no adapter owns is refused here by value, in both cases.)"""
+    problems = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, DeltaLoraLayer):
+            problems += persistence.loaded_value_problems(layer, state_dict, f"{prefix}{name}.")
+    persistence.check_loaded_values_message(problems)
+
+
 def _other_type_message(key: str, module: nn.Module) -> str:
     adapters = ", ".join(getattr(module, "active_adapters", []) or ["?"])
     return (
@@ -259,21 +283,41 @@ def _other_type_message(key: str, module: nn.Module) -> str:
     )
 
 
-_REQUIRED_PER_ADAPTER = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
+_PER_LAYER = ("lora_A", "lora_B", "lora_anchor_A", "lora_anchor_B", "lora_anchored")
+_PER_EMBEDDING = ("lora_embedding_A", "lora_embedding_B", "lora_anchor_A", "lora_anchor_B", "lora_anchored")
 
 
 def _damaged_adapter_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """What makes an adapter file unusable: a layer's factors without its anchors or flag, or non-finite values."""
+    """What makes an adapter file unusable, checked by value before anything is loaded: a layer with some of its
+    factors, anchors and flag but not all, a factor or anchor that is not floating point, a flag that is not exactly
+    0 or 1, a warm-up count that is not a non-negative integer, or non-finite values."""
     problems = []
-    layers = {k.rsplit(".lora_", 1)[0] for k in state_dict if ".lora_A." in k or ".lora_embedding_A" in k}
+    layers = {k.rsplit(".lora_", 1)[0] for k in state_dict if ".lora_" in k}
     for layer in sorted(layers):
-        for name in _REQUIRED_PER_ADAPTER:
-            if not any(k.startswith(f"{layer}.{name}") for k in state_dict):
-                problems.append(f"missing {layer}.{name}")
+        present = {k.removeprefix(f"{layer}.").split(".")[0] for k in state_dict if k.startswith(f"{layer}.lora_")}
+        wanted = _PER_EMBEDDING if "lora_embedding_A" in present or "lora_embedding_B" in present else _PER_LAYER
+        if present & set(wanted):
+            problems += [f"missing {layer}.{name}" for name in wanted if name not in present]
     for key, value in state_dict.items():
-        if ".lora_" in key and value.is_floating_point() and not value.is_meta and not torch.isfinite(value).all():
+        if ".lora_" not in key or value.is_meta:
+            continue
+        name = key.rsplit(".lora_", 1)[1].split(".")[0]
+        if name in ("A", "B", "embedding_A", "embedding_B", "anchor_A", "anchor_B") and not value.is_floating_point():
+            problems.append(f"{key} has dtype {value.dtype}, not a floating-point dtype")
+        elif name == "anchored" and (value.numel() != 1 or float(value.reshape(-1)[0]) not in (0.0, 1.0)):
+            problems.append(f"{key} is {value.reshape(-1)[:4].tolist()}, not exactly 0 or 1")
+        elif name == "warmup_steps" and not _is_count(value):
+            problems.append(f"{key} is not a non-negative integer count")
+        elif value.is_floating_point() and not torch.isfinite(value).all():
             problems.append(f"non-finite values in {key}")
     return problems
+
+
+def _is_count(value: torch.Tensor) -> bool:
+    if value.numel() != 1:
+        return False
+    number = float(value.reshape(-1)[0])
+    return math.isfinite(number) and number >= 0 and number == int(number)
 
 
 def _current_anchor_key(key: str) -> str:

@@ -190,9 +190,15 @@ def check_loaded_values(layer: DeltaLayer, state_dict: dict, prefix: str) -> Non
     """Raise before anything is written if ``loaded_value_problems`` finds any."""
     problems = loaded_value_problems(layer, state_dict, prefix)
     if problems:
+        check_loaded_values_message(problems)
+
+
+def check_loaded_values_message(problems: list[str]) -> None:
+    """Raise the refusal of a load for ``problems``."""
+    if problems:
         raise ValueError(
             f"Delta-LoRA: this state dict cannot be loaded: {'; '.join(problems[:6])}"
-            f"{' ...' if len(problems) > 6 else ''}. Nothing was loaded into this layer. Load a state dict saved from "
+            f"{' ...' if len(problems) > 6 else ''}. Nothing was loaded. Load a state dict saved from "
             "a model with the same adapters (model.state_dict() / save_pretrained), unchanged."
         )
 

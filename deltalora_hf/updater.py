@@ -98,7 +98,19 @@ class _OptimizerSteps:
         self.taken = 0
         self.counted: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
         self.models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        self.handle = optimizer.register_step_post_hook(self._after_step)
+        self.handles = (
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        )
+
+    @torch.compiler.disable
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        """Refuse the step, before it changes anything, where the W update that follows could not be written (a base
+        weight parametrized since the updater was made)."""
+        for model in list(self.models):
+            for layer in delta_lora_layers(model):
+                if any(s.in_place for s in layer.delta_settings.values()):
+                    check_writable_in_place(layer.get_base_layer(), f"layer {type(layer).__name__}")
 
     @torch.compiler.disable
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -156,7 +168,7 @@ class DeltaLoraUpdater:
             layer.delta_driven = True  # silences the "training without an updater" warning
             if any(a in layer.delta_settings and layer.delta_settings[a].in_place for a in layer.active_adapters):
                 # refuse before any step, not at step K + 1
-                check_writable_in_place(layer.get_base_layer().weight, f"layer {type(layer).__name__}")
+                check_writable_in_place(layer.get_base_layer(), f"layer {type(layer).__name__}")
         if optimizer is not None:
             self.watch(optimizer)
         self._remember_factors(layers)
