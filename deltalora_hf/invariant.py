@@ -42,23 +42,28 @@ tensors may write them through ``.data``. Writing W itself is not supported: W i
 Where the state lives
 ---------------------
 Modules import one way: ``layer`` -> ``persistence`` -> ``invariant`` -> ``functional``/``_distributed``; this
-module knows a layer only through the ``DeltaLayer`` protocol below. Per adapter a layer keeps its saved tensors
-(factors, anchors, flag, step count), its ``DeltaSettings`` and, in place, one ``Record``; the layer keeps one
-``SyncState``. Factored mode keeps nothing derived: its forward reads the live tensors on every call, so no write
-of any kind can leave it behind. The derived state has ONE rule: every event that counters cannot see (a load, a
-``state_dict`` handed out, a changed scaling, ``.to()``, new anchors, ``set_adapter``) marks the layer dirty, and
-a dirty layer is compared by value at its next forward or entry point; records are only trusted by identity and
-version counter when the layer is clean. The two process-wide counters (optimizer steps: fused optimizers do not
-bump version counters; module/parameter/buffer registrations: a replaced factor or anchor) are installed when the
-first Delta-LoRA layer is created (``install_hooks``), never at import, and cost one integer increment each.
+module knows a layer only through the ``DeltaLayer`` protocol below. Names: ``lora_*`` are an adapter's tensors,
+saved in its state dict (factors, anchors, flag, warm-up count, in-place mark); ``delta_*`` is what a layer keeps
+in memory only (settings, records, the flags' Python values, the warm-up comparison copies); ``_delta_state`` is
+its forward check. Per adapter a layer keeps its saved tensors, its ``DeltaSettings`` and, in place, one ``Record``
+(private copies, never the live tensors); the layer keeps one ``SyncState``. Factored mode keeps nothing derived:
+its forward reads the live tensors on every call, so no write of any kind can leave it behind. The derived state
+has ONE rule: every event that version counters cannot see (a load, a ``state_dict`` handed out, a changed
+scaling, ``.to()``, new anchors, ``set_adapter``, a step of an updater's optimizer) marks the layer dirty, and a
+dirty layer is compared by value at its next forward or entry point; records are trusted by stamp only while the
+layer is clean. Nothing is process-wide: an optimizer's steps are counted by a hook on that optimizer alone
+(``deltalora_hf.updater``). A write through ``.data`` bumps no version counter: it is seen by the next value check
+(an entry point, ``DeltaLoraUpdater.step``/``sync``, or the forward after any dirtying event), not by the forward
+check of a clean layer.
 
 Cost
 ----
 * The update after an optimizer step (``DeltaLoraUpdater``) plans every layer at once: the
-  changed records are grouped by shape, the rank-2r factors and their norms come from a handful of batched ops per
-  group, all norms are read with ONE host sync, and each W gets one fused ``addmm_``. A step that changed no factor
-  (their version counters say so) launches nothing. Factored mode never writes W, and its forward builds the
-  rank-2r factors from the live tensors on every call (two small concatenations per layer; nothing cached).
+  changed records are grouped by shape, the rank-2r factors, their norms and the comparison of the anchors with the
+  records' copies come from a handful of batched ops per group, all read with ONE host sync (after one read of the
+  flags), and each W gets one fused ``addmm_``. With an optimizer, a step it did not take launches nothing.
+  Factored mode never writes W, and its forward builds the rank-2r factors from the live tensors on every call
+  (two small concatenations per layer; nothing cached).
 * In eager mode each layer's forward runs ``_ensure_synced``: a flag, the
   active adapters, and the identity and version counter of its in-place factors (a few pointer and integer
   comparisons, no tensor read); a value sync only when one of them changed. Under ``torch.compile`` the check is
@@ -80,7 +85,7 @@ from .functional import default_generator, delta_factors, low_rank_frobenius_sq
 
 
 class DeltaLayer(Protocol):
-    """What this module needs of a Delta-LoRA layer (``deltalora_hf.layer.DeltaLayer``, which imports this
+    """What this module needs of a Delta-LoRA layer (``deltalora_hf.layer.DeltaLoraLayer``, which imports this
     module, never the other way round): its W, its adapters' tensors and settings, and the state kept here."""
 
     delta_settings: dict[str, Any]  # adapter -> config.DeltaSettings
@@ -88,7 +93,8 @@ class DeltaLayer(Protocol):
     lora_anchor_A: Any
     lora_anchor_B: Any
     lora_anchored: Any
-    _anchored: dict[str, bool]
+    lora_inplace_move: Any  # persistence.InplaceMarks
+    delta_anchored: dict[str, bool]
     _delta_state: SyncState
     weight_is_transposed: bool
     merged_adapters: list[str]
@@ -97,7 +103,6 @@ class DeltaLayer(Protocol):
 
     def get_base_layer(self) -> torch.nn.Module: ...
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def lora_factor_slots(self, adapter_name: str) -> tuple[tuple[dict, str], ...]: ...
     def lora_factor_keys(self, adapter_name: str) -> tuple[str, str]: ...
     def sync_base_weight(self, *, applied: Iterable[str] | None = None) -> int: ...
     def match_anchor_dtypes(self, adapter: str) -> None: ...
@@ -459,7 +464,7 @@ def refresh_flags(layers: list[DeltaLayer]) -> None:
     ]
     values = read_scalars([flag.reshape(1).float() for _, _, flag in flags])
     for (layer, adapter, _), value in zip(flags, values):
-        layer._anchored[adapter] = value != 0.0
+        layer.delta_anchored[adapter] = value != 0.0
 
 
 def adopt_copied_anchors(layers: list[DeltaLayer]) -> None:

@@ -95,7 +95,7 @@ class DeltaLoraLayer:
         "delta_settings",
         "delta_counted",
         "delta_records",
-        "_anchored",
+        "delta_anchored",
     )
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -118,10 +118,10 @@ class DeltaLoraLayer:
         self.lora_anchored = persistence.AnchorDict()
         self.lora_warmup_steps = persistence.AnchorDict()  # optimizer steps before anchoring (int64): K counts them
         self.lora_inplace_move = persistence.InplaceMarks()  # in-place adapters: what W holds, for state dicts
-        self.delta_counted: dict[str, tuple] = {}  # the optimizer step an adapter's count last counted
+        self.delta_counted: dict[str, tuple] = {}  # updater without optimizer: factor copies at the last count
         self.delta_settings: dict[str, DeltaSettings] = {}
         self.delta_records: dict[str, invariant.Record] = {}  # in-place mode: what W holds, per adapter (not saved)
-        self._anchored: dict[str, bool] = {}  # the flags' values, read only when they may have changed
+        self.delta_anchored: dict[str, bool] = {}  # the flags' values, read only when they may have changed
         self.delta_driven = False  # set by an updater: someone anchors this layer's adapters
         self._delta_warned = False
         self.other_param_names = (*self.other_param_names, *self.delta_param_names)  # delete_adapter, .to()
@@ -151,7 +151,7 @@ class DeltaLoraLayer:
         self.lora_warmup_steps[adapter_name] = torch.zeros(1, dtype=torch.int64, device=device)
         if self.delta_settings[adapter_name].in_place:
             self.lora_inplace_move[adapter_name] = persistence.mark(0.0, device)
-        self._anchored[adapter_name] = False
+        self.delta_anchored[adapter_name] = False
         self._delta_state.touch()
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): new tensors everywhere
@@ -171,10 +171,6 @@ class DeltaLoraLayer:
         """The state-dict keys of ``lora_factors`` relative to the layer."""
         return f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight"
 
-    def lora_factor_slots(self, adapter_name: str) -> tuple[tuple[dict, str], ...]:
-        """Where ``lora_factors`` live: ``(parameter dict, key)`` pairs, for the forward's identity check."""
-        return (self.lora_A[adapter_name]._parameters, "weight"), (self.lora_B[adapter_name]._parameters, "weight")
-
     @property
     def weight_is_transposed(self) -> bool:
         """True where the base weight is stored as ``k x d`` (Conv1D / fan_in_fan_out, Embedding)."""
@@ -189,7 +185,7 @@ class DeltaLoraLayer:
 
     def is_anchored(self, adapter_name: str) -> bool:
         """Whether W moves for this adapter (its anchors are recorded)."""
-        return self._anchored.get(adapter_name, False)
+        return self.delta_anchored.get(adapter_name, False)
 
     def set_anchor(self, adapter_name: str) -> None:
         """Record ``(A_K, B_K)``: the adapter's current factors, from which W starts to move (move = 0 now)."""
@@ -202,7 +198,7 @@ class DeltaLoraLayer:
                     store[adapter_name] = torch.zeros_like(value, device=anchor.device)  # in the factors' dtype
                 store[adapter_name].copy_(value)
             self.lora_anchored[adapter_name].fill_(1.0)
-        self._anchored[adapter_name] = True
+        self.delta_anchored[adapter_name] = True
         self._delta_state.touch()
 
     def copy_anchors(self, source: str, target: str) -> None:
@@ -212,7 +208,7 @@ class DeltaLoraLayer:
                 if store[target].shape != store[source].shape or store[target].dtype != store[source].dtype:
                     store[target] = torch.zeros_like(store[source])
                 store[target].copy_(store[source])
-        self._anchored[target] = self._anchored.get(source, False)
+        self.delta_anchored[target] = self.delta_anchored.get(source, False)
         self._delta_state.touch()
 
     def move_scale(self, adapter_name: str) -> float:
@@ -425,9 +421,6 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
 
     def lora_factor_keys(self, adapter_name: str) -> tuple[str, str]:
         return f"lora_embedding_A.{adapter_name}", f"lora_embedding_B.{adapter_name}"
-
-    def lora_factor_slots(self, adapter_name: str) -> tuple[tuple[dict, str], ...]:
-        return (self.lora_embedding_A._parameters, adapter_name), (self.lora_embedding_B._parameters, adapter_name)
 
     @property
     def weight_is_transposed(self) -> bool:
