@@ -494,6 +494,40 @@ def adopt_copied_anchors(layers: list[DeltaLayer]) -> None:
             layer.copy_anchors(source, copy)
 
 
+def _planned(
+    layers: list[DeltaLayer], applied: Iterable[str] | None, trust_stamps: bool
+) -> tuple[list[Move], list[float], list[DeltaLayer]]:
+    """``plan`` and the squared norms of its moves (``alpha`` applied), read with ONE host sync (a second one only
+    where an anchor was found written behind the layer's back: that adapter's move is then replaced whole)."""
+    moves, candidates, visited = plan(layers, applied, trust_stamps=trust_stamps)
+    grouped, group_squares, group_same = _group_incremental(candidates)
+    parts = [m.square.reshape(1).float() for m in moves if m.square is not None] + group_squares
+    n, g = len(moves), len(grouped)
+    values = read_scalars(parts + [same.float() for same in group_same])  # the one host read
+    kept = [(m, sq) for m, sq, same in zip(grouped, values[n : n + g], values[n + g :]) if same]
+    stale = [m for m, same in zip(grouped, values[n + g :]) if not same]
+    extra = [move for m in stale for move in _replacement(m.layer, m.adapter, m.layer.delta_records[m.adapter])]
+    extra_squares = read_scalars([m.square.reshape(1).float() for m in extra]) if extra else []
+    moves = moves + extra + [m for m, _ in kept]
+    unscaled = values[:n] + extra_squares + [sq for _, sq in kept]
+    return moves, [sq * m.alpha**2 for m, sq in zip(moves, unscaled)], visited
+
+
+def weight_in_step(layer: DeltaLayer) -> torch.Tensor | None:
+    """W as the invariant says it is now, computed WITHOUT writing anything (a ``state_dict`` is a read): None when
+    W already is (the usual case), else a corrected copy. Used where a state dict is taken."""
+    with torch.inference_mode(False), torch.no_grad():
+        moves, squares, _ = _planned([layer], None, trust_stamps=False)
+        writes = [(m, sq) for m, sq in zip(moves, squares) if sq != 0.0 and math.isfinite(sq)]
+        if not writes:
+            return None
+        weight = layer.get_base_layer().weight.detach().clone()
+        for m, _ in writes:
+            transposed = layer.weight_is_transposed and not m.oriented
+            add_low_rank_(weight, m.u, m.v, m.alpha, transposed=transposed, rounding="nearest")
+        return weight
+
+
 def sync_layers(
     layers: Iterable[DeltaLayer],
     *,
@@ -515,19 +549,7 @@ def sync_layers(
         checked = layers if not trust_stamps else [layer for layer in layers if layer._delta_state.dirty]
         refresh_flags(checked)
         adopt_copied_anchors(checked)
-        moves, candidates, visited = plan(layers, applied, trust_stamps=trust_stamps)
-        grouped, group_squares, group_same = _group_incremental(candidates)
-        parts = [m.square.reshape(1).float() for m in moves if m.square is not None] + group_squares
-        n, g = len(moves), len(grouped)
-        values = read_scalars(parts + [same.float() for same in group_same])  # the one host read
-        kept = [(m, sq) for m, sq, same in zip(grouped, values[n : n + g], values[n + g :]) if same]
-        stale = [m for m, same in zip(grouped, values[n + g :]) if not same]
-        # an anchor written behind the layer's back (.data): take the recorded move out, put the whole one in
-        extra = [move for m in stale for move in _replacement(m.layer, m.adapter, m.layer.delta_records[m.adapter])]
-        extra_squares = read_scalars([m.square.reshape(1).float() for m in extra]) if extra else []
-        moves = moves + extra + [m for m, _ in kept]
-        unscaled = values[:n] + extra_squares + [sq for _, sq in kept]
-        squares = [sq * m.alpha**2 for m, sq in zip(moves, unscaled)]
+        moves, squares, visited = _planned(layers, applied, trust_stamps)
         wrote = [_apply(m, sq, generator_for(m.layer)) for m, sq in zip(moves, squares)]
         _copy_records([m for m, sq in zip(moves, squares) if m.incremental and math.isfinite(sq)])
     for layer in visited:

@@ -126,6 +126,7 @@ class DeltaLoraLayer:
         self._delta_warned = False
         self.other_param_names = (*self.other_param_names, *self.delta_param_names)  # delete_adapter, .to()
         self.register_state_dict_pre_hook(persistence.before_state_dict)
+        self.register_state_dict_post_hook(persistence.after_state_dict)
         self.register_load_state_dict_pre_hook(persistence.before_load)
         self.register_load_state_dict_post_hook(persistence.after_load)
 

@@ -113,9 +113,27 @@ def decode_mark(value: torch.Tensor) -> float:
 
 
 def before_state_dict(module: DeltaLayer, prefix: str, keep_vars: bool) -> None:
-    """Before a state dict is taken: reading changes nothing (the marks are always current). Whoever receives the
-    state dict holds the live tensors and may write them through ``.data``: the next forward checks by value."""
+    """Before a state dict is taken: whoever receives it holds the live tensors and may write them through
+    ``.data``, so the layer's next forward compares by value. Nothing is written."""
     module._delta_state.touch()
+
+
+def after_state_dict(module: DeltaLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """A state dict's W is the W the saved tensors describe: where W in memory is behind them (a write through
+    ``.data`` since the last check), the state dict gets the W they describe, and marks to match, computed without
+    writing the model (``invariant.weight_in_step``). ZeRO-3/FSDP: taken inside the framework's own gather; the
+    updater syncs."""
+    key = f"{prefix}base_layer.weight"
+    if key not in state_dict or module.is_partitioned() or not len(module.lora_inplace_move):
+        return
+    weight = invariant.weight_in_step(module)
+    if weight is None:
+        return
+    state_dict[key] = weight
+    applied = module.applied_adapters()
+    for adapter in module.lora_inplace_move:
+        scale = module.move_scale(adapter) if adapter in applied else 0.0
+        state_dict[f"{prefix}lora_inplace_move.{adapter}.weight"] = mark(scale, weight.device)
 
 
 def loaded_value_problems(layer: DeltaLayer, state_dict: dict, prefix: str) -> list[str]:

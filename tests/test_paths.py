@@ -49,12 +49,18 @@ def test_a_fresh_adapter_filled_through_data_after_a_no_grad_forward_is_the_copy
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_no_grad_forward_sees_data_writes_to_the_factors(trained, mode):
+def test_data_writes_to_the_factors_are_seen_by_a_state_dict_and_the_next_check(trained, mode):
     model = fresh_copy(trained, mode)
     logits(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    w = layer.get_base_layer().weight.detach().clone()
     layer.lora_B["default"].weight.data.mul_(2.0)  # no version counter change, no entry point
-    assert_close(logits(model), reference(adapter_state(model)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # a read: describes the written model
+    assert torch.equal(layer.get_base_layer().weight, w)  # ... and wrote nothing
+    reloaded = get_peft_model(tiny_llama(), delta_config(mode))
+    reloaded.load_state_dict(state)
+    assert_close(logits(reloaded), reference(adapter_state(model)))
+    assert_close(logits(model), reference(adapter_state(model)))  # the state dict handed out: checked by value
 
 
 @pytest.mark.parametrize("mode", MODES)
