@@ -538,6 +538,7 @@ def weight_in_step(layer: DeltaLayer) -> torch.Tensor | None:
     """W as the invariant says it is now, computed WITHOUT writing anything (a ``state_dict`` is a read): None when
     W already is (the usual case), else a corrected copy. Used where a state dict is taken."""
     with torch.inference_mode(False), torch.no_grad():
+        refresh_flags([layer])  # the flags' values, as a loader may have assigned them (a cache, not the model)
         moves, squares, _ = _planned([layer], None, trust_stamps=False)
         writes = [(m, sq) for m, sq in zip(moves, squares) if sq != 0.0 and math.isfinite(sq)]
         if not writes:
