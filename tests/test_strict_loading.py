@@ -95,6 +95,7 @@ def _no_warnings(load):
     return result
 
 
+@pytest.mark.slow  # trains a model per mode (a Trainer run with a checkpoint)
 @needs_strict_check
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("file", FILES)
@@ -104,6 +105,7 @@ def test_peft_from_pretrained_strict(written, mode, file):
     assert_close(logits(model), written(mode).want)
 
 
+@pytest.mark.slow  # trains a model per mode (a Trainer run with a checkpoint)
 @needs_strict_check
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("file", FILES)
@@ -115,6 +117,7 @@ def test_peft_load_adapter_strict(written, mode, file):
     assert_close(logits(model), written(mode).want)
 
 
+@pytest.mark.slow  # trains a model per mode (a Trainer run with a checkpoint)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("file", FILES)
 def test_transformers_load_adapter_reports_no_missing_or_unexpected_keys(written, mode, file):
@@ -150,6 +153,7 @@ def vllm_refuses(keys: list[str], modules_to_save: list[str]) -> list[str]:
     return refused
 
 
+@pytest.mark.slow  # trains a model per mode (a Trainer run with a checkpoint)
 @pytest.mark.parametrize("mode", MODES)
 def test_the_export_holds_exactly_the_keys_of_a_plain_lora_adapter(written, mode, tmp_path):
     """The reference: PEFT's own plain LoRA adapter of the export's config (rank 2r), saved without the embedding's
