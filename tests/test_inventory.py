@@ -355,7 +355,7 @@ def layer_get_additive_delta(case: Case):
 
 
 def training_flags(model: nn.Module) -> set[bool]:
-    """The training flags of the adapter "default"'s factor modules (lora_A/lora_B of the Linear layers)."""
+    """The training flags of the adapter "default"'s lora_A modules (the Linear layers')."""
     return {layer.lora_A["default"].training for layer in delta_layers(model).values() if "default" in layer.lora_A}
 
 
