@@ -211,7 +211,7 @@ def declared_ranges() -> dict[str, tuple[str, str]]:
 def test_the_version_pages_say_what_pyproject_declares():
     """README's "Supported:" line and docs/versions.md give pyproject.toml's floor and cap of every capped dependency,
     and the installed versions are inside them (the newest job installs what a newcomer gets)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     from packaging.version import Version
 
@@ -222,5 +222,8 @@ def test_the_version_pages_say_what_pyproject_declares():
         assert f"{name} ≥ {floor} and < {cap}" in supported, f"README's Supported line on {name}: {supported}"
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
         assert f">= {floor}, < {cap}" in row, f"docs/versions.md on {name}: {row}"
-        installed = Version(version(name)).release
+        try:
+            installed = Version(version(name)).release
+        except PackageNotFoundError:  # trl is optional outside the test extra
+            continue
         assert Version(floor).release <= installed < Version(cap).release, f"{name} {version(name)} installed"
