@@ -16,6 +16,8 @@ loader in its config-only mode (``axolotl.loaders.adapter.load_lora(..., config_
 - ``get_input_args``: :class:`DeltaLoraArgs`, the ``deltalora:`` block, merged into Axolotl's schema; its validator
   refuses, when the config loads, what would train or merge a different model than the one asked for
   (:func:`refusal`);
+- ``register``: with the raw config, before Axolotl validates it: a misspelt adapter name (``deltaLoRA``) is
+  refused with the spelling (:func:`near_miss`);
 - ``get_adapter_capabilities``: the adapter name ``deltalora``;
 - ``load_adapter``: the ``LoraConfig`` that Axolotl's own loader builds from the LoRA keys, turned into a
   ``DeltaLoraConfig``; then ``get_peft_model``, or ``PeftModel.from_pretrained`` when ``lora_model_dir`` is set;
@@ -143,10 +145,15 @@ def _saved_adapter_type(model_dir: Any) -> str | None:
     return str(json.loads(path.read_text()).get("peft_type"))
 
 
-def near_miss(adapter: Any) -> bool:
-    """Whether ``adapter`` is a misspelling of ``deltalora`` that Axolotl would not recognise (``deltaLoRA``,
-    ``delta-lora``, ``Delta_LoRA``): the same letters, in any case, with separators."""
-    return isinstance(adapter, str) and adapter != ADAPTER and re.sub(r"[^a-z]", "", adapter.lower()) == ADAPTER
+def near_miss(adapter: Any) -> str | None:
+    """Why ``adapter`` is refused if it is a misspelling of ``deltalora`` (``deltaLoRA``, ``delta-lora``,
+    ``Delta_LoRA``: the same letters in another case or with separators); ``None`` otherwise."""
+    if not isinstance(adapter, str) or adapter == ADAPTER or re.sub(r"[^a-z]", "", adapter.lower()) != ADAPTER:
+        return None
+    return (
+        f"adapter: {adapter} is not an adapter name; the deltalora-hf plugin's is spelled `deltalora` (lower case, "
+        "one word): set adapter: deltalora. The plugin is installed and needs nothing in `plugins:`."
+    )
 
 
 class DeltaLoraArgs(BaseModel):
@@ -162,12 +169,9 @@ class DeltaLoraArgs(BaseModel):
     def _check_deltalora(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        if near_miss(data.get("adapter")):
-            raise ValueError(
-                f"adapter: {data['adapter']} is not an adapter name; the deltalora-hf plugin's is spelled "
-                "`deltalora` (lower case, one word): set adapter: deltalora. The plugin is installed and needs "
-                "nothing in `plugins:`."
-            )
+        misspelt = near_miss(data.get("adapter"))
+        if misspelt is not None:
+            raise ValueError(misspelt)
         if data.get("adapter") != ADAPTER:
             if data.get(ADAPTER) is not None:
                 raise ValueError(
@@ -190,6 +194,13 @@ def delta_lora_config(lora_config: LoraConfig, options: DeltaLoraOptions) -> Del
 
 class DeltaLoraPlugin(BasePlugin):
     """``adapter: deltalora`` for Axolotl; inert for every other adapter (see the module docstring)."""
+
+    def register(self, cfg: dict) -> None:
+        """Before Axolotl validates the config (its own check of the adapter name comes first there): a misspelt
+        ``adapter: deltaLoRA`` is refused with the spelling, instead of "add the plugin ... to `plugins:`"."""
+        misspelt = near_miss(cfg.get("adapter"))
+        if misspelt is not None:
+            raise ValueError(misspelt)
 
     def get_input_args(self) -> str:
         return f"{DeltaLoraArgs.__module__}.{DeltaLoraArgs.__name__}"
