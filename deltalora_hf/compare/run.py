@@ -186,8 +186,8 @@ class EvaluationApartTrainer(Trainer):
             return super().predict(*args, **kwargs)
 
 
-# Buffers that define a trained model, by the last-but-one part of their name: Delta-LoRA's anchors and flag. Other
-# buffers (position ids, warm-up counts, marks a version adds) are left out: an allow-list.
+# Buffers that define a trained model, by a part of their name: Delta-LoRA's anchors and flag. Other buffers
+# (position ids, warm-up counts, marks a version adds) are left out: an allow-list.
 DEFINING_BUFFERS = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
 
 
