@@ -43,7 +43,14 @@ from deltalora_hf.compare.measure import (
     weight_change,
 )
 from deltalora_hf.compare.metrics import generation_scores
-from deltalora_hf.compare.run import adapter_config, fit, run_callbacks, start_process, training_arguments
+from deltalora_hf.compare.run import (
+    adapter_config,
+    fit,
+    progress_of,
+    run_callbacks,
+    start_process,
+    training_arguments,
+)
 from deltalora_hf.compare.settings import ARM_TITLES, Arm, CompareSettings
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -230,6 +237,7 @@ def train_generator(
     )
     trained = fit(trainer, settings)
     validation, _ = score_words(model, tok, data.words["validation"], data, max_new_tokens, settings.eval_batch_size)
+    progress_of(trainer).finish(f"validation ROUGE-L {validation['rougeL']:.3f}")
     test, samples = score_words(model, tok, data.words["test"], data, max_new_tokens, settings.eval_batch_size)
     return {
         "arm": arm,

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # before Axolotl is imported: offline, telemetry hangs at exit
-pytest.importorskip("axolotl", reason='Axolotl needs Python >= 3.12: pip install "deltalora-hf[axolotl]"')
+pytest.importorskip("axolotl", reason='Axolotl needs Python >= 3.12: pip install -e ".[axolotl]" from this clone')
 
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -243,11 +244,57 @@ def test_defaults_are_delta_lora_config_defaults():
 
 
 def test_lora_model_dir_with_a_plain_lora_is_refused(workspace, tmp_path):
+    """A local folder is refused when the config loads; an adapter that only loading reveals (a hub id), at load."""
     from peft import LoraConfig, get_peft_model
 
     from deltalora_hf.integrations.axolotl import DeltaLoraPlugin
 
     get_peft_model(base_model(workspace), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
-    cfg = load_config(workspace, lora_model_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="holds a LORA adapter, not a Delta-LoRA"):
+        load_config(workspace, lora_model_dir=str(tmp_path))
+    cfg = load_config(workspace)
+    cfg.lora_model_dir = str(tmp_path)  # as if a hub id: nothing to read when the config loads
     with pytest.raises(ValueError, match="holds a LoraConfig adapter, not a Delta-LoRA"):
         DeltaLoraPlugin().load_adapter(base_model(workspace), cfg)
+
+
+@pytest.mark.parametrize("name", ["deltaLoRA", "delta-lora", "Delta_LoRA"])
+def test_a_misspelt_adapter_name_is_caught_with_the_spelling(workspace, name):
+    with pytest.raises(ValueError, match=re.escape(f"adapter: {name} is not an adapter name; the deltalora-hf")):
+        load_config(workspace, adapter=name, deltalora=None)
+
+
+def test_lora_fan_in_fan_out_is_turned_off_with_a_log_line(workspace, caplog):
+    import logging
+
+    from deltalora_hf import DeltaLoraLayer
+    from deltalora_hf.integrations.axolotl import DeltaLoraPlugin
+
+    cfg = load_config(workspace, lora_fan_in_fan_out=True)
+    with caplog.at_level(logging.WARNING, logger="deltalora_hf.integrations.axolotl"):
+        model, _ = DeltaLoraPlugin().load_adapter(base_model(workspace), cfg)
+    assert "lora_fan_in_fan_out: true is turned off" in caplog.text
+    layers = [m for m in model.modules() if isinstance(m, DeltaLoraLayer)]
+    assert len(layers) == LAYERS and not any(m.fan_in_fan_out for m in layers)
+
+
+def guide_example() -> dict:
+    """The first YAML block of docs/guides/axolotl.md, as a user copies it."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "axolotl.md").read_text()
+    return yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+
+
+def test_the_guides_example_moves_w_in_its_own_steps(workspace):
+    """The guide's YAML with only the model, the data and the folders pointed at the tiny ones here: W moves (its
+    steps go past its K), and the callback's "W never moved" warning does not come."""
+    example = guide_example()
+    ours = train_config(workspace, workspace / "out-guide")
+    paths = ("base_model", "datasets", "dataset_prepared_path", "output_dir", "plugins", "val_set_size")
+    config = write_config(workspace / "guide.yml", {**example, **{key: ours[key] for key in paths}})
+    assert example["max_steps"] > example["deltalora"]["start_step"] + 1
+    done = run_axolotl("train", str(config), cwd=workspace)
+    assert "never moved" not in done.stdout + done.stderr
+    probe = torch.load(workspace / "out-guide" / PROBE_FILE)
+    original = load_file(workspace / "base" / "model.safetensors")
+    targets = [name for name in probe["weights"] if name.split(".")[-2] in example["lora_target_modules"]]
+    assert targets and all(max_diff(probe["weights"][name], original[name]) > 0 for name in targets)

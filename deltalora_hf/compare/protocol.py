@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .data import TextTask, load_task, resolve_model
+from .data import TextTask, load_task, model_name, resolve_model
 from .quiet import quiet, stderr_of_new_processes
 from .run import train_classifier
 from .settings import ARM_TITLES, Arm, CompareSettings
@@ -185,6 +185,7 @@ def compare(settings: CompareSettings, task: TextTask | None = None, command: st
     task_info = {
         "source": task.source,
         "model": model_path,
+        "model_name": model_name(settings),
         "label_names": task.label_names,
         "sizes": sizes,
         "splits": {s: task.fingerprint(s) for s in ("train", "validation", "test")},

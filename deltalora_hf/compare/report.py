@@ -156,15 +156,44 @@ def baseline_sentence(checks: list[dict[str, Any]], baseline: float) -> str:
     return f"{share} are below 2× the majority-class baseline's test macro-F1 ({baseline:.4f}): {names}"
 
 
-def collapse_sentence(checks: list[dict[str, Any]]) -> str:
+def collapsed_candidates(selection: dict[str, Any], baseline: float) -> list[dict[str, Any]]:
+    """Every run of the selection (each candidate of each arm, each seed) whose validation score is at the
+    majority-class baseline's: a candidate's collapse counts against it in the mean, and is shown here."""
+    rows = []
+    for arm, choice in selection.items():
+        for candidate in choice["candidates"]:
+            for seed, score in zip(choice["seeds"], candidate["scores"]):
+                if is_collapsed(score, baseline):
+                    rows.append({"arm": arm, "candidate": candidate["label"], "seed": seed, "validation": score})
+    return rows
+
+
+def collapse_sentence(
+    checks: list[dict[str, Any]], selection: dict[str, Any] | None = None, baseline: float | None = None
+) -> str:
+    """Collapse in the reported runs (validation or test), then, with ``selection`` and the validation ``baseline``,
+    in every run trained to choose (validation only: candidates are not tested)."""
     collapsed = [c for c in checks if c["collapsed"]]
+    reported = f"{len(checks)} reported runs (each arm's chosen setting, every seed)"
     if not collapsed:
-        return "No run collapsed to the majority class."
-    names = "; ".join(f"{ARM_TITLES[c['arm']]} seed {c['seed']} ({', '.join(c['collapsed'])})" for c in collapsed)
-    return (
-        f"Collapsed to the majority class (macro-F1 at the baseline's): {names}. "
-        "Their scores are in the means and the paired differences above."
+        line = f"None of the {reported} collapsed to the majority class."
+    else:
+        names = "; ".join(f"{ARM_TITLES[c['arm']]} seed {c['seed']} ({', '.join(c['collapsed'])})" for c in collapsed)
+        line = (
+            f"{len(collapsed)} of the {reported} collapsed to the majority class (macro-F1 at the baseline's): "
+            f"{names}. Their scores are in the means and the paired differences above."
+        )
+    if selection is None or baseline is None:
+        return line
+    trained = sum(len(c["scores"]) for choice in selection.values() for c in choice["candidates"])
+    fallen = collapsed_candidates(selection, baseline)
+    line += (
+        f" Of all {trained} runs trained to choose (every candidate, every seed), {len(fallen)} collapsed on validation"
     )
+    if not fallen:
+        return line + "."
+    names = "; ".join(f"{ARM_TITLES[c['arm']]} {c['candidate']} seed {c['seed']}" for c in fallen)
+    return f"{line}: {names}."
 
 
 WIDE_INTERVAL = 0.1  # a 95% interval wider than this cannot tell a difference of a few points of macro-F1
@@ -268,13 +297,15 @@ def plot_curves(
 
 
 CONSOLE_WIDTH = 100
+FILE_WIDTH = 10_000  # output to a file or a pipe: no line is wrapped
 
 
 def console():
-    """The rich console of the run: the terminal's width up to 100 columns (100 when the output goes to a file)."""
+    """The rich console of the run: the terminal's width up to 100 columns; unwrapped lines when the output goes to
+    a file or a pipe (a table is as wide as its content, a sentence stays on its line)."""
     from rich.console import Console
 
-    out = Console(width=CONSOLE_WIDTH)
+    out = Console(width=FILE_WIDTH, soft_wrap=True)
     if out.is_terminal:
         out = Console(width=min(Console().width, CONSOLE_WIDTH))
     return out
@@ -380,16 +411,18 @@ def write_report(
     baselines = task_info.get("majority_baselines", {"validation": baseline, "test": baseline})
     checks = run_checks(finals, baselines)
     learned = baseline_sentence(checks, baseline["macro_f1"])
-    collapse = collapse_sentence(checks)
+    collapse = collapse_sentence(checks, selection, baselines["validation"]["macro_f1"])
     verdict_line = headline(diffs, checks)
     header, rows = table_rows(summary)
-    setting = (
-        f"model `{task_info['model']}`; task: {task_info['source']} ({len(task_info['label_names'])} classes, "
+    details = (
+        f"task: {task_info['source']} ({len(task_info['label_names'])} classes, "
         f"{task_info['sizes']['train']} train / {task_info['sizes']['validation']} validation / "
         f"{task_info['sizes']['test']} test); {settings.steps} steps × batch {settings.batch_size}, max length "
         f"{settings.max_length}, r={settings.r}, lora_alpha={settings.lora_alpha:g}, lora_dropout=0; "
         f"{method_setting(settings)}; seeds {settings.seeds}"
     )
+    setting = f"model `{task_info['model']}`; {details}"
+    plot_title = f"{task_info.get('model_name', task_info['model'])}; {details}"
     words = [verdict(d, "macro-F1") for d in diffs if d["metric"] == "macro_f1"]
     text = "\n".join(
         [
@@ -446,7 +479,7 @@ def write_report(
     )
     paths = {"markdown": out / "results.md", "json": out / "results.json", "plot": out / "curves.png"}
     paths["markdown"].write_text(text, encoding="utf-8")
-    plot_curves(finals, paths["plot"], setting)
+    plot_curves(finals, paths["plot"], plot_title)
     report = {
         "command": command,
         "settings": asdict(settings),

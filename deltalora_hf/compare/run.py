@@ -20,6 +20,7 @@ from .data import TextTask
 from .measure import peak_rss_bytes, reset_peak_rss, snapshot, targeted_base_weights, weight_change
 from .metrics import classification_scores
 from .quiet import quiet
+from .report import is_collapsed
 from .settings import Arm, CompareSettings
 
 # Names of the attention/MLP linears by architecture family; the first family present in the model is used.
@@ -100,7 +101,8 @@ class RunProgress(TrainerCallback):
         self.description, self.live = description, live
         self.step_times: list[float] = []
         self.status = ""
-        self._t0 = self._started = 0.0
+        self._t0 = self._started = self._seconds = 0.0
+        self._steps = 0
         self._progress: Any = None
         self._task: Any = None
 
@@ -137,11 +139,20 @@ class RunProgress(TrainerCallback):
             self._progress.update(self._task, status=self.status)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._seconds, self._steps = time.perf_counter() - self._started, state.global_step
         if self._progress is not None:
             self._progress.stop()
-        else:
-            seconds = time.perf_counter() - self._started
-            print(f"{self.description} {state.global_step} steps in {seconds:.0f} s, {self.status}", flush=True)
+
+    def finish(self, result: str, alert: bool = False) -> None:
+        """The run's end line: ``result`` (its final validation score, with a mark such as ``(collapsed)``).
+
+        Without ``live`` (runs in parallel) every run gets the line; with ``live`` its bar is the line, and only a
+        run with ``alert`` gets one more, so that the mark is seen.
+        """
+        if not self.live:
+            print(f"{self.description} {self._steps} steps in {self._seconds:.0f} s, {result}", flush=True)
+        elif alert:
+            print(f"{self.description} {result}", flush=True)
 
 
 @contextlib.contextmanager
@@ -175,10 +186,26 @@ class EvaluationApartTrainer(Trainer):
             return super().predict(*args, **kwargs)
 
 
+# Buffers that define a trained model, by a part of their name: Delta-LoRA's anchors and flag. Other buffers
+# (position ids, warm-up counts, marks a version adds) are left out: an allow-list.
+DEFINING_BUFFERS = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
+
+
+def defining_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What defines a trained model, by name (sorted): every parameter (base weights, adapter factors, heads and
+    ``modules_to_save``; full fine-tuning: all its weights) and Delta-LoRA's anchors ``A_K``, ``B_K`` and flag."""
+    tensors = dict(model.named_parameters())
+    for name, buffer in model.named_buffers():
+        if any(part in DEFINING_BUFFERS for part in name.split(".")):
+            tensors[name] = buffer
+    return dict(sorted(tensors.items()))
+
+
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (name, dtype, bytes; ``state_dict`` order): equal iff bit-identical."""
+    """SHA-256 of :func:`defining_tensors` (name, dtype, shape, bytes): equal iff those tensors are bit-identical,
+    whatever other buffers a version of a library adds."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in defining_tensors(model).items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -231,6 +258,11 @@ def training_arguments(settings: CompareSettings, seed: int, lr: float, output_d
     )
 
 
+def progress_of(trainer) -> RunProgress:
+    """The trainer's :class:`RunProgress` (from :func:`run_callbacks`)."""
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, RunProgress))
+
+
 def fit(trainer, settings: CompareSettings) -> dict[str, Any]:
     """Train (Trainer's per-step log dicts only with ``verbose``); the timing and loss fields of the run's result."""
     from transformers import PrinterCallback
@@ -241,7 +273,7 @@ def fit(trainer, settings: CompareSettings) -> dict[str, Any]:
     trainer.train()
     train_seconds = time.perf_counter() - started
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    progress = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RunProgress))
+    progress = progress_of(trainer)
     return {
         "train_loss_final": statistics.fmean(loss for _, loss in losses[-max(1, len(losses) // 10) :]),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -324,6 +356,10 @@ def train_classifier(
     history = trainer.state.log_history
     last = next((h for h in reversed(history) if "eval_macro_f1" in h), None)
     validation = last if last is not None and last["step"] == settings.steps else trainer.evaluate()
+    baseline = task.majority_baseline("validation")["macro_f1"]
+    collapsed = is_collapsed(validation["eval_macro_f1"], baseline)
+    result_line = f"validation macro-F1 {validation['eval_macro_f1']:.3f}" + (" (collapsed)" if collapsed else "")
+    progress_of(trainer).finish(result_line, alert=collapsed)
     test = trainer.predict(encoded("test"), metric_key_prefix="test").metrics  # the only look at the test split
     result: dict[str, Any] = {
         "arm": arm,

@@ -124,6 +124,33 @@ def _csv_list(text: str) -> list[str]:
     return [item for item in text.replace(" ", ",").split(",") if item]
 
 
+def _numbers(text: str, option: str, kind: type[int] | type[float], example: str = "1e-3,2e-3") -> list:
+    """``text`` (comma- or space-separated) as numbers of ``kind``; a ValueError naming ``option`` otherwise."""
+    values = []
+    for item in _csv_list(text):
+        try:
+            values.append(kind(item))
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(
+                f"{option}: {item!r} is not {what}; give comma-separated values, e.g. {option} {example}"
+            ) from None
+    return values
+
+
+class _ListOf:
+    """argparse ``type`` of a comma-separated list of numbers: a bad item is an error that names the option."""
+
+    def __init__(self, option: str, kind: type[int] | type[float], example: str) -> None:
+        self.option, self.kind, self.example = option, kind, example
+
+    def __call__(self, text: str) -> list:
+        try:
+            return _numbers(text, self.option, self.kind, self.example)
+        except ValueError as error:  # argparse prints an ArgumentTypeError's message as it is
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{self.option}: ")) from None
+
+
 def _parse_lr_grid(values: list[str] | None) -> dict[str, list[float]]:
     """``--lr 1e-3,3e-3`` (every arm) or ``--lr lora=1e-3,3e-3 full=1e-4`` (one item per arm)."""
     grid: dict[str, list[float]] = {}
@@ -131,11 +158,18 @@ def _parse_lr_grid(values: list[str] | None) -> dict[str, list[float]]:
         if "=" in value:
             arm, numbers = value.split("=", 1)
             if arm not in ARMS:
-                raise argparse.ArgumentTypeError(f"--lr: unknown arm {arm!r}; arms are {', '.join(ARMS)}")
-            grid[arm] = [float(x) for x in _csv_list(numbers)]
+                raise ValueError(f"--lr: unknown arm {arm!r}; arms are {', '.join(ARMS)}")
+            grid[arm] = _numbers(numbers, "--lr", float)
         else:
-            grid.update({key: [float(x) for x in _csv_list(value)] for key in ARMS})
+            grid.update(dict.fromkeys(ARMS, _numbers(value, "--lr", float)))
     return grid
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line that names the option, and points to ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _grid_help() -> str:
@@ -147,7 +181,7 @@ def _grid_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deltalora-hf`` command line. Each help text states its default once (``%(default)s`` or in words)."""
-    parser = argparse.ArgumentParser(prog="deltalora-hf", description="Delta-LoRA for transformers + PEFT.")
+    parser = _Parser(prog="deltalora-hf", description="Delta-LoRA for transformers + PEFT.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "compare",
@@ -185,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seeds",
-        type=lambda s: [int(x) for x in _csv_list(s)],
+        type=_ListOf("--seeds", int, "0,1,2"),
         default=d.seeds,
         help=f"training seeds (default: {','.join(map(str, d.seeds))})",
     )
@@ -226,13 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sweep-update-ratio",
-        type=lambda s: [float(x) for x in _csv_list(s)],
+        type=_ListOf("--sweep-update-ratio", float, "0.5,1,2"),
         default=None,
         help="λ values to select from on validation (Delta-LoRA and lora-scaled), e.g. 0.5,1,2 (default: none)",
     )
     p.add_argument(
         "--sweep-start-step",
-        type=lambda s: [int(x) for x in _csv_list(s)],
+        type=_ListOf("--sweep-start-step", int, "0,6,20"),
         default=None,
         help="K values to select from on validation (Delta-LoRA), e.g. 0,6,20 (default: none)",
     )

@@ -1,13 +1,13 @@
 """Delta-LoRA in Axolotl: ``adapter: deltalora`` in a YAML config, through Axolotl's public plugin API.
 
-``pip install "deltalora-hf[axolotl]"`` (Axolotl >= 0.21, Python >= 3.12) registers :class:`DeltaLoraPlugin` under
-Axolotl's ``axolotl.plugins`` entry point, so Axolotl loads it for every config; it acts only when
-``adapter: deltalora``. The YAML is Axolotl's LoRA keys plus::
+``pip install -e ".[axolotl]"`` from a clone of deltalora-hf (Axolotl >= 0.21, Python >= 3.12) registers
+:class:`DeltaLoraPlugin` under Axolotl's ``axolotl.plugins`` entry point, so Axolotl loads it for every config; it
+acts only when ``adapter: deltalora``. The YAML is Axolotl's LoRA keys plus::
 
     adapter: deltalora
     deltalora:            # optional; the defaults are DeltaLoraConfig's
       update_ratio: 2.0   # lambda
-      start_step: 500     # K
+      start_step: 10      # K
       base_update: inplace  # or factored
 
 The plugin uses these hooks of ``axolotl.integrations.base.BasePlugin`` and, to read the LoRA keys, Axolotl's LoRA
@@ -16,6 +16,8 @@ loader in its config-only mode (``axolotl.loaders.adapter.load_lora(..., config_
 - ``get_input_args``: :class:`DeltaLoraArgs`, the ``deltalora:`` block, merged into Axolotl's schema; its validator
   refuses, when the config loads, what would train or merge a different model than the one asked for
   (:func:`refusal`);
+- ``register``: with the raw config, before Axolotl validates it: a misspelt adapter name (``deltaLoRA``) is
+  refused with the spelling (:func:`near_miss`);
 - ``get_adapter_capabilities``: the adapter name ``deltalora``;
 - ``load_adapter``: the ``LoraConfig`` that Axolotl's own loader builds from the LoRA keys, turned into a
   ``DeltaLoraConfig``; then ``get_peft_model``, or ``PeftModel.from_pretrained`` when ``lora_model_dir`` is set;
@@ -25,8 +27,11 @@ loader in its config-only mode (``axolotl.loaders.adapter.load_lora(..., config_
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 try:
@@ -35,7 +40,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "deltalora_hf.integrations.axolotl needs Axolotl >= 0.21, which needs Python >= 3.12: "
-        'pip install "deltalora-hf[axolotl]"'
+        'pip install -e ".[axolotl]" from a clone of deltalora-hf'
     ) from error
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -108,6 +113,13 @@ def refusal(data: dict[str, Any]) -> str | None:
             "kernels replace the forward pass of LoRA layers, which would skip the move of W in factored mode. "
             "Remove them."
         )
+    saved_type = _saved_adapter_type(data.get("lora_model_dir"))
+    if saved_type is not None and not saved_type.startswith("DELTALORA"):
+        return (
+            f"lora_model_dir {data['lora_model_dir']} holds a {saved_type} adapter, not a Delta-LoRA one: adapter: "
+            "deltalora continues only Delta-LoRA adapters. Use the adapter type it was trained with, or remove "
+            "lora_model_dir to start a new Delta-LoRA adapter."
+        )
     try:
         options = DeltaLoraOptions.model_validate(data.get(ADAPTER) or {})
     except ValidationError:
@@ -124,6 +136,26 @@ def refusal(data: dict[str, Any]) -> str | None:
     return None
 
 
+def _saved_adapter_type(model_dir: Any) -> str | None:
+    """The ``peft_type`` in ``model_dir``'s ``adapter_config.json`` when it is a local folder (a hub id is checked
+    when the adapter loads, in :meth:`DeltaLoraPlugin.load_adapter`)."""
+    path = Path(model_dir) / "adapter_config.json" if isinstance(model_dir, str) and model_dir else None
+    if path is None or not path.is_file():
+        return None
+    return str(json.loads(path.read_text()).get("peft_type"))
+
+
+def near_miss(adapter: Any) -> str | None:
+    """Why ``adapter`` is refused if it is a misspelling of ``deltalora`` (``deltaLoRA``, ``delta-lora``,
+    ``Delta_LoRA``: the same letters in another case or with separators); ``None`` otherwise."""
+    if not isinstance(adapter, str) or adapter == ADAPTER or re.sub(r"[^a-z]", "", adapter.lower()) != ADAPTER:
+        return None
+    return (
+        f"adapter: {adapter} is not an adapter name; the deltalora-hf plugin's is spelled `deltalora` (lower case, "
+        "one word): set adapter: deltalora. The plugin is installed and needs nothing in `plugins:`."
+    )
+
+
 class DeltaLoraArgs(BaseModel):
     """The plugin's part of Axolotl's config schema."""
 
@@ -137,6 +169,9 @@ class DeltaLoraArgs(BaseModel):
     def _check_deltalora(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        misspelt = near_miss(data.get("adapter"))
+        if misspelt is not None:
+            raise ValueError(misspelt)
         if data.get("adapter") != ADAPTER:
             if data.get(ADAPTER) is not None:
                 raise ValueError(
@@ -160,6 +195,13 @@ def delta_lora_config(lora_config: LoraConfig, options: DeltaLoraOptions) -> Del
 class DeltaLoraPlugin(BasePlugin):
     """``adapter: deltalora`` for Axolotl; inert for every other adapter (see the module docstring)."""
 
+    def register(self, cfg: dict) -> None:
+        """Before Axolotl validates the config (its own check of the adapter name comes first there): a misspelt
+        ``adapter: deltaLoRA`` is refused with the spelling, instead of "add the plugin ... to `plugins:`"."""
+        misspelt = near_miss(cfg.get("adapter"))
+        if misspelt is not None:
+            raise ValueError(misspelt)
+
     def get_input_args(self) -> str:
         return f"{DeltaLoraArgs.__module__}.{DeltaLoraArgs.__name__}"
 
@@ -173,6 +215,13 @@ class DeltaLoraPlugin(BasePlugin):
         config = delta_lora_config(lora_config, DeltaLoraOptions.model_validate(cfg.deltalora or {}))
         if config_only:
             return None, config
+        if config.fan_in_fan_out:
+            LOG.warning(
+                "lora_fan_in_fan_out: true is turned off: deltalora-hf sets fan_in_fan_out from each targeted layer's "
+                "own weight layout (False for nn.Linear, True for GPT-2's Conv1D), as PEFT's LoRA does for nn.Linear; "
+                "remove the key to silence this line."
+            )
+            config.fan_in_fan_out = False
         if cfg.lora_model_dir:
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference)
             saved = model.peft_config["default"]
