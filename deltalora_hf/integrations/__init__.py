@@ -1,5 +1,5 @@
 """Integrations with training frameworks that extend through their own plugin APIs (optional dependencies).
 
 - :mod:`deltalora_hf.integrations.axolotl`: ``adapter: deltalora`` in an Axolotl YAML config
-  (``pip install "deltalora-hf[axolotl]"``, Python >= 3.12).
+  (``pip install -e ".[axolotl]"`` in a clone, Python >= 3.12).
 """
