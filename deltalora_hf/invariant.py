@@ -128,6 +128,7 @@ class DeltaLayer(Protocol):
     def sync_base_weight(self, *, applied: Iterable[str] | None = None) -> int: ...
     def match_anchor_dtypes(self, adapter: str) -> None: ...
     def move_scale(self, adapter_name: str) -> float: ...
+    def live_tensors(self, adapter: str) -> tuple[torch.Tensor, ...]: ...
     def is_anchored(self, adapter_name: str) -> bool: ...
     def applied_adapters(self, adapters: Iterable[str] | None = None) -> list[str]: ...
     def copy_anchors(self, source: str, target: str) -> None: ...
@@ -254,8 +255,7 @@ def current_tensors(layer: DeltaLayer, adapter: str) -> tuple[torch.Tensor, ...]
 
 def live_tensors(layer: DeltaLayer, adapter: str) -> tuple[torch.Tensor, ...]:
     """The adapter's own ``(A, B, A_K, B_K, flag)`` tensors (not gathered), for stamps."""
-    a, b = layer.lora_factors(adapter)
-    return a, b, layer.lora_anchor_A[adapter], layer.lora_anchor_B[adapter], layer.lora_anchored[adapter]
+    return layer.live_tensors(adapter)
 
 
 def set_record(layer: DeltaLayer, adapter: str, tensors: tuple[torch.Tensor, ...] | None, scale: float) -> None:
@@ -292,10 +292,13 @@ def record_unchanged(layer: DeltaLayer, adapter: str, parts: slice = slice(None)
     Always False for partitioned factors: every rank must then take part in the same gathers.
     """
     record = layer.delta_records.get(adapter)
-    if record is None or adapter not in layer.delta_settings:
+    if record is None:
         return False
-    live = live_tensors(layer, adapter)
-    return not is_partitioned(live[0]) and same_stamp(record.stamp[parts], live[parts])
+    try:
+        live = layer.live_tensors(adapter)
+    except KeyError:  # a factor, anchor or the adapter itself is gone
+        return False
+    return same_stamp(record.stamp[parts], live[parts]) and not is_partitioned(live[0])
 
 
 # -- planning -------------------------------------------------------------------------------------------------

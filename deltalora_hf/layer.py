@@ -32,6 +32,7 @@ from .config import DeltaSettings
 from .functional import delta_factors, scale_grad
 
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.Embedding)
+_ANCHOR_STORES = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
 
 
 class ScalingDict(dict):
@@ -171,6 +172,14 @@ class DeltaLoraLayer:
     def lora_factor_keys(self, adapter_name: str) -> tuple[str, str]:
         """The state-dict keys of ``lora_factors`` relative to the layer."""
         return f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight"
+
+    def live_tensors(self, adapter: str) -> tuple[torch.Tensor, ...]:
+        """The adapter's ``(A, B, A_K, B_K, flag)`` as registered now, looked up in the modules' own dicts (the
+        forward check runs this on every call: no ``nn.Module.__getattr__``). Raises ``KeyError`` if one is gone."""
+        modules = self._modules
+        a = modules["lora_A"]._modules[adapter]._parameters["weight"]
+        b = modules["lora_B"]._modules[adapter]._parameters["weight"]
+        return (a, b, *(modules[name]._modules[adapter]._buffers["weight"] for name in _ANCHOR_STORES))
 
     @property
     def weight_is_transposed(self) -> bool:
@@ -424,6 +433,12 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
 
     def lora_factor_keys(self, adapter_name: str) -> tuple[str, str]:
         return f"lora_embedding_A.{adapter_name}", f"lora_embedding_B.{adapter_name}"
+
+    def live_tensors(self, adapter: str) -> tuple[torch.Tensor, ...]:
+        modules = self._modules
+        a = modules["lora_embedding_A"]._parameters[adapter]
+        b = modules["lora_embedding_B"]._parameters[adapter]
+        return (a, b, *(modules[name]._modules[adapter]._buffers["weight"] for name in _ANCHOR_STORES))
 
     @property
     def weight_is_transposed(self) -> bool:

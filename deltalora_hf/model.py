@@ -111,8 +111,20 @@ DISPATCHERS = (dispatch_bnb_8bit, dispatch_bnb_4bit, dispatch_default)
 
 
 def delta_lora_layers(model: nn.Module) -> list[DeltaLoraLayer]:
-    """Every Delta-LoRA layer in ``model``."""
-    return [m for m in model.modules() if isinstance(m, DeltaLoraLayer)]
+    """Every Delta-LoRA layer in ``model``, in ``model.modules()`` order, found anew on every call (the updater calls
+    it after every step): a walk of the modules' own dicts that does not descend into the Delta-LoRA layers (nothing
+    nests in them), so it costs about one dict read per module outside them."""
+    found, seen, stack = [], set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, DeltaLoraLayer):
+            found.append(module)
+            continue
+        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return found
 
 
 class DeltaLoraModel(LoraModel):
