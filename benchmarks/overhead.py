@@ -283,8 +283,14 @@ def build(variant: str, overrides: dict, r: int, target: Target, moved: bool = F
     """``perf.build``'s model on the target. ``moved``: anchored, factors changed, W moved (LoRA: factors changed)."""
     with target.device:  # parameters created where they are used (a 0.5B init on the host is slow)
         model, updater = perf.build(VARIANT[variant], 0, target.dtype, r, overrides)
+    if updater is not None and hasattr(updater, "watch"):  # 0.5: the warm-up counts this optimizer's own steps
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        updater.watch(optimizer)
+        updater._benchmark_optimizer = optimizer  # kept alive with the updater
     if moved:
         if updater is not None:
+            if hasattr(updater, "watch"):
+                updater._benchmark_optimizer.step()  # no gradients: changes nothing, but it is a step taken
             updater.step()  # start_step 0: anchors
         perf.perturb_factors(model, torch.Generator().manual_seed(1))
         if updater is not None:

@@ -110,11 +110,17 @@ def extra_state_bytes(variant: str, model: nn.Module, updater) -> int:
         return 0
     if variant == "naive":
         return updater.extra_bytes()
-    # the anchors (A_K, B_K) and, in place, the records (copies of the factors whose move W holds; the anchors
-    # they refer to are the live ones, counted once)
-    anchors = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "lora_anchor" in n)
-    records = {id(t): t for m in model.modules() for r in getattr(m, "delta_records", {}).values() for t in (r.a, r.b)}
-    return anchors + sum(t.numel() * t.element_size() for t in records.values())
+    # the anchors (A_K, B_K) and, in place, the records (copies of the tensors whose move W holds: the factors, and
+    # since 0.5 the anchors too; a record tensor that is a live anchor (0.4) is counted once)
+    anchors = {id(b): b for n, b in model.named_buffers() if "lora_anchor" in n}
+    records = {
+        id(t): t
+        for m in model.modules()
+        for r in getattr(m, "delta_records", {}).values()
+        for t in (r.a, r.b, r.a_k, r.b_k)
+        if id(t) not in anchors
+    }
+    return sum(t.numel() * t.element_size() for t in [*anchors.values(), *records.values()])
 
 
 # ----------------------------------------------------------------------------------------------- step time
@@ -142,7 +148,10 @@ def make_trainee(variant: str, seed: int = 0, dtype=torch.float32, r: int = 8, c
     model, updater = build(variant, seed, dtype, r, config_overrides)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return Trainee(variant, model, updater, torch.optim.AdamW(params, lr=1e-3))
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    if hasattr(updater, "watch"):  # 0.5: the updater is given the optimizer, as the docs recommend
+        updater.watch(optimizer)
+    return Trainee(variant, model, updater, optimizer)
 
 
 def paired_step_times(trainees: list[Trainee], batches: list[torch.Tensor], warmup: int) -> dict[str, list[float]]:

@@ -56,6 +56,27 @@ layer is clean. Nothing is process-wide: an optimizer's steps are counted by a h
 (an entry point, ``DeltaLoraUpdater.step``/``sync``, or the forward after any dirtying event), not by the forward
 check of a clean layer.
 
+Derived state, all of it
+------------------------
+Each piece, where it is written and read, and what would catch it going stale (the rules of
+``tests/test_random_operations.py``, against an independent simulator):
+
+* ``Record`` (in place, per adapter): copies of ``(A, B, A_K, B_K)`` whose move W holds, its scale and the stamps of
+  the live tensors. Written by ``set_record`` (a whole move, a load) and ``_copy_records`` (an incremental move);
+  converted by the layer's ``_apply`` (``.to()``); read by ``plan``, the disabled forward and
+  ``original_base_weight``. Caught: ``.data`` writes to factors and anchors, ``set_anchor``, loads, casts.
+* The in-place mark ``lora_inplace_move`` (a float64 buffer): the record's scale, or 0; written only by
+  ``set_record``, read by whoever reads the buffers or a state dict. Caught: state-dict round trips, merges.
+* ``delta_anchored`` (the flags' Python values): written by ``set_anchor``, ``copy_anchors``, ``refresh_flags``
+  (every value check); read by ``is_anchored``. Caught: ``.data`` writes to a flag, loads.
+* ``SyncState`` (per layer: dirty, active adapters, merged count): written by ``mark_synced`` and every dirtying
+  event (``touch``); read by the forward check and ``plan``. Caught: any rule followed by a forward pass.
+* The updater's ``_OptimizerSteps`` (per optimizer: steps taken, per layer and adapter the count last counted) and,
+  without an optimizer, ``delta_counted`` (copies of a warming adapter's factors). Caught: pickling, deep copies,
+  skipped and lr-0 steps, second updaters, fused optimizers.
+* Two one-shot flags of a load in the layer's ``__dict__``: ``_loads_original_base`` (set by the model's adapter
+  remap after its last check) and ``_loads_base_weight`` (set by the load pre-hook, popped by the post-hook).
+
 Cost
 ----
 * The update after an optimizer step (``DeltaLoraUpdater``) plans every layer at once: the

@@ -116,8 +116,14 @@ class _OptimizerSteps:
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self.taken += 1
         for model in list(self.models):
-            for layer in delta_lora_layers(model):
-                layer._delta_state.touch()
+            _touch_in_place(delta_lora_layers(model))
+
+
+def _touch_in_place(layers: list[DeltaLoraLayer]) -> None:
+    """Mark the layers whose W follows an in-place adapter for a value check (factored layers hold nothing)."""
+    for layer in layers:
+        if layer.delta_records or any(s.in_place for s in layer.delta_settings.values()):
+            layer._delta_state.touch()
 
 
 # Optimizer -> its step count, weakly keyed: it counts that optimizer's steps only and goes with it. It registers
@@ -280,8 +286,11 @@ class DeltaLoraUpdater:
                 if count > layer.delta_settings[adapter].start_step:
                     layer.set_anchor(adapter)
                     layer.delta_counted.pop(adapter, None)
-        # in place: W += lambda s (B'A' - BA); with an optimizer, layers its last step did not touch are not read
-        result = sync_layers(layers, generator_for=self._generator, trust_stamps=self._steps is not None)
+        # in place: W += lambda s (B'A' - BA). With an optimizer, its hook marked the layers of every step it took
+        # (fused optimizers bump no version counter); without one, every in-place layer is read by value.
+        if self._steps is None:
+            _touch_in_place(layers)
+        result = sync_layers(layers, generator_for=self._generator, trust_stamps=True)
         self.moves_in_run += bool(anchored_before)
         factored_moved = sum(layer.delta_settings[adapter].factored for layer, adapter in anchored_before)
         self.last = UpdateStats(

@@ -51,7 +51,8 @@ def _optimizer(model: PeftModel, kind: Optimizer, lr: float, eps: float) -> torc
 
 def _train(model: PeftModel, optimizer: torch.optim.Optimizer, steps: range, first_lr_zero: bool) -> None:
     """``optimizer.step()`` then the Delta-LoRA W update (if the model has one), on fixed batches."""
-    updater = DeltaLoraUpdater(model) if isinstance(model.peft_config["default"], DeltaLoraConfig) else None
+    delta = isinstance(model.peft_config["default"], DeltaLoraConfig)
+    updater = DeltaLoraUpdater(model, optimizer=optimizer) if delta else None  # counts the step at lr 0
     if updater is not None:
         updater.next_step = steps.start
     rows = lm_rows(BATCH * STEPS, seed=3)
