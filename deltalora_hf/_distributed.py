@@ -7,7 +7,7 @@ The rest of the package calls only these functions; DeepSpeed is imported lazily
   the factors of the in-place update, to log norms, to export).
 * ``used_in_forward``: a factor read by a layer's own ``forward`` outside the forward of the submodule that
   owns it (PEFT's embedding factors); ZeRO-3 is told to gather it with that layer.
-* ``check_writable_in_place`` and ``add_low_rank_``: the in-place W update, on each rank's own part of W
+* ``check_writable_base`` and ``add_low_rank_``: the in-place W update, on each rank's own part of W
   and with no communication beyond gathering the small factors.
 
   Under ZeRO-3 each rank owns one contiguous slice of the flattened W (``param.ds_tensor``); the update of that
@@ -137,11 +137,11 @@ def in_place_problem(weight: torch.Tensor) -> str | None:
     return None
 
 
-def check_writable_in_place(base: torch.nn.Module, name: str) -> None:
-    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless ``add_low_rank_`` can update the weight of
-    the base layer ``base`` in place, so that the write reaches the tensor its forward reads: not through a
-    parametrization (``torch.nn.utils.parametrize``: ``base.weight`` is then computed anew on every read, and a write
-    to it is lost), nor into a weight that ``in_place_problem`` rules out."""
+def check_writable_base(base: torch.nn.Module, name: str) -> None:
+    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless the in-place update of the base layer
+    ``base`` reaches the tensor its forward reads: not through a parametrization (``torch.nn.utils.parametrize``:
+    ``base.weight`` is then computed anew on every read, and a write to it is lost), and into a weight that
+    ``check_writable_in_place`` accepts."""
     if torch.nn.utils.parametrize.is_parametrized(base, "weight"):
         raise RuntimeError(
             f"Delta-LoRA cannot update the base weight of {name} in place: it is parametrized "
@@ -149,7 +149,12 @@ def check_writable_in_place(base: torch.nn.Module, name: str) -> None:
             "be lost. Nothing was changed. Use DeltaLoraConfig(base_update='factored'), which never writes W, or "
             "remove the parametrization (torch.nn.utils.parametrize.remove_parametrizations)."
         )
-    weight = base.weight
+    check_writable_in_place(base.weight, name)
+
+
+def check_writable_in_place(weight: torch.Tensor, name: str) -> None:
+    """Raise a ``RuntimeError`` naming ``base_update='factored'`` unless ``add_low_rank_`` can update
+    ``weight`` in place (see ``in_place_problem``)."""
     reason = in_place_problem(weight)
     if reason is None:
         return

@@ -101,7 +101,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ._distributed import add_low_rank_, check_writable_in_place, full_values, is_partitioned
+from ._distributed import add_low_rank_, check_writable_base, full_values, is_partitioned
 from .functional import default_generator, delta_factors, low_rank_frobenius_sq
 
 
@@ -431,7 +431,7 @@ def _apply(move: Move, square: float, generator: torch.Generator | None) -> bool
     written = square != 0.0
     if written:
         weight = layer.get_base_layer().weight
-        check_writable_in_place(layer.get_base_layer(), f"a layer of adapter '{move.adapter}'")
+        check_writable_base(layer.get_base_layer(), f"a layer of adapter '{move.adapter}'")
         add_low_rank_(
             weight,
             move.u,

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import functional, invariant, persistence
-from ._distributed import check_writable_in_place, gathered, is_partitioned, used_in_forward
+from ._distributed import check_writable_base, gathered, is_partitioned, used_in_forward
 from .config import DeltaSettings
 from .functional import delta_factors, scale_grad
 
@@ -191,7 +191,7 @@ class DeltaLoraLayer:
     def set_anchor(self, adapter_name: str) -> None:
         """Record ``(A_K, B_K)``: the adapter's current factors, from which W starts to move (move = 0 now)."""
         if self.delta_settings[adapter_name].in_place:
-            check_writable_in_place(self.get_base_layer(), f"a layer of adapter '{adapter_name}'")
+            check_writable_base(self.get_base_layer(), f"a layer of adapter '{adapter_name}'")
         with torch.no_grad(), gathered(*self.lora_factors(adapter_name)) as (a, b):
             for store, value in ((self.lora_anchor_A, a), (self.lora_anchor_B, b)):  # buffers: never partitioned
                 anchor = store[adapter_name]

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._distributed import check_writable_in_place, full_values
+from ._distributed import check_writable_base, full_values
 from .functional import delta_factors, low_rank_frobenius_sq
 from .invariant import read_scalars, sync_layers
 from .layer import DeltaLoraLayer
@@ -82,10 +82,18 @@ def _moving_adapters(layers: list[DeltaLoraLayer]) -> Iterator[tuple[DeltaLoraLa
 
 
 def _innermost(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer whose ``step`` really runs (accelerate's and DeepSpeed's wrappers keep it as ``.optimizer``)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+    """The optimizer whose ``step`` really runs: the deepest initialised ``torch.optim.Optimizer`` in the chain of
+    ``.optimizer`` attributes (accelerate's ``AcceleratedOptimizer`` and ``DeepSpeedOptimizerWrapper``, DeepSpeed's
+    ZeRO optimizers keep the one they step there; the wrappers do not run ``Optimizer.__init__``, so they have no
+    hooks of their own)."""
+    found, current = optimizer, optimizer
+    for _ in range(8):
+        current = getattr(current, "optimizer", None)
+        if current is None:
+            break
+        if isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_post_hooks"):
+            found = current
+    return found
 
 
 class _OptimizerSteps:
@@ -110,7 +118,7 @@ class _OptimizerSteps:
         for model in list(self.models):
             for layer in delta_lora_layers(model):
                 if any(s.in_place for s in layer.delta_settings.values()):
-                    check_writable_in_place(layer.get_base_layer(), f"layer {type(layer).__name__}")
+                    check_writable_base(layer.get_base_layer(), f"layer {type(layer).__name__}")
 
     @torch.compiler.disable
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -174,7 +182,7 @@ class DeltaLoraUpdater:
             layer.delta_driven = True  # silences the "training without an updater" warning
             if any(a in layer.delta_settings and layer.delta_settings[a].in_place for a in layer.active_adapters):
                 # refuse before any step, not at step K + 1
-                check_writable_in_place(layer.get_base_layer(), f"layer {type(layer).__name__}")
+                check_writable_base(layer.get_base_layer(), f"layer {type(layer).__name__}")
         if optimizer is not None:
             self.watch(optimizer)
         self._remember_factors(layers)
