@@ -324,7 +324,7 @@ def damage_state(state: dict[str, torch.Tensor], layer: str, adapter: str, damag
 
 def enabled(name: str, when: Callable[[DeltaLoraMachine], bool] | None = None):
     """A rule's precondition: not turned off by ``DELTALORA_MACHINE_SKIP``, and ``when(machine)``."""
-    return lambda self: name not in SKIP and (when is None or when(self))
+    return lambda self: name not in SKIP | self.off and (when is None or when(self))
 
 
 DAMAGES = ["drop_lora_B", "drop_lora_A", "int64_anchors", "flag_2", "flag_0.5", "flag_nan", "nan_factor", "inf_anchor"]
@@ -333,6 +333,7 @@ LOADS = ["strict", "non_strict", "assign", "double", "float"]
 
 class DeltaLoraMachine(RuleBasedStateMachine):
     mode: ClassVar[str] = "inplace"
+    off: ClassVar[frozenset[str]] = frozenset()  # rules turned off (KNOWN_FAILURES)
 
     def __init__(self) -> None:
         super().__init__()
@@ -363,7 +364,7 @@ class DeltaLoraMachine(RuleBasedStateMachine):
 
     def new_optimizers(self) -> None:
         """A new optimizer in both models (same kind, fresh state) and a new updater driven by it."""
-        self.fused = self.fused and "fused" not in SKIP
+        self.fused = self.fused and "fused" not in SKIP | self.off
         params = [p for n, p in self.model.named_parameters() if "lora_" in n and p.is_floating_point()]
         self.opt = torch.optim.AdamW(params, lr=LR, fused=self.fused)
         self.sim_opt = torch.optim.AdamW(self.sim.trainable(), lr=LR, fused=self.fused)
@@ -581,16 +582,28 @@ class DeltaLoraMachine(RuleBasedStateMachine):
         return out if self.sim.active == "default" else out / self.sim.active
 
     @precondition(enabled("save_and_reload"))
-    @rule(low_cpu_mem_usage=st.booleans())
-    def save_and_reload(self, low_cpu_mem_usage: bool) -> None:
-        """save_pretrained, then PeftModel.from_pretrained on a fresh base: the active adapter alone, the same model."""
+    @rule(low_cpu_mem_usage=st.booleans(), every_adapter=st.booleans())
+    def save_and_reload(self, low_cpu_mem_usage: bool, every_adapter: bool) -> None:
+        """save_pretrained, then PeftModel.from_pretrained on a fresh base: the active adapter alone, or every adapter
+        (the first at the root, the others in subfolders, loaded with load_adapter): the same model."""
         active = self.sim.active
-        path = self._save_active()
-        self.model = PeftModel.from_pretrained(
-            base(), path, adapter_name=active, is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage
-        )
-        for other in [a for a in self.adapters if a != active]:
-            self.sim.delete_adapter(other)
+        if every_adapter:
+            out = self.folder("save")
+            self.model.save_pretrained(out)
+            first, *others = self.adapters
+            load = dict(is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage)
+            model = PeftModel.from_pretrained(base(), out if first == "default" else out / first, first, **load)
+            for name in others:
+                model.load_adapter(out / name, adapter_name=name, **load)
+            model.set_adapter(active)
+            self.model = model
+        else:
+            path = self._save_active()
+            self.model = PeftModel.from_pretrained(
+                base(), path, adapter_name=active, is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+            for other in [a for a in self.adapters if a != active]:
+                self.sim.delete_adapter(other)
         self.new_optimizers()
 
     @precondition(enabled("unload_then_reload"))
@@ -713,14 +726,17 @@ class DeltaLoraMachine(RuleBasedStateMachine):
     @precondition(enabled("disabled_forward_in_training"))
     @rule(data=st.data())
     def disabled_forward_in_training(self, data) -> None:
-        """A reference forward inside the loop (DPO-style): adapters disabled, gradients on, training mode."""
+        """A reference forward inside the loop (DPO-style): adapters disabled, gradients on, training mode: the
+        original base's loss."""
         batch = batches()[data.draw(st.integers(0, len(batches()) - 1), label="batch")]
         self.model.train()
         with self.model.disable_adapter():
             loss = self.model(input_ids=batch, labels=batch).loss
-        with self.sim.model.disable_adapter():
-            want = self.sim.model(input_ids=batch, labels=batch).loss
-        assert abs(loss.item() - want.item()) <= TOL
+        if "base_model" not in _cache:
+            _cache["base_model"] = base()
+        with torch.no_grad():
+            want = _cache["base_model"](input_ids=batch, labels=batch).loss
+        assert abs(loss.item() - want.item()) <= TOL, "a disabled forward in training is not the original base's"
 
     @precondition(enabled("to_double_and_back"))
     @rule()
@@ -763,6 +779,18 @@ class DeltaLoraMachine(RuleBasedStateMachine):
         assert_close(logits(self.model), logits(self.sim.model), "Delta-LoRA vs the simulator")
 
     @invariant()
+    def flags_and_counts_equal_the_simulator(self) -> None:
+        """Each layer's anchored flag and warm-up count, per adapter, are the simulator's."""
+        for name, layer in self.delta_layers().items():
+            for adapter, states in self.sim.state.items():
+                want = states[name]
+                flag = layer.lora_anchored[adapter].item()
+                assert flag == float(want.anchored), f"{name} '{adapter}': flag {flag}, simulator {want.anchored}"
+                if hasattr(layer, "lora_warmup_steps"):
+                    count = int(layer.lora_warmup_steps[adapter].item())
+                    assert count == want.count, f"{name} '{adapter}': warm-up count {count}, simulator {want.count}"
+
+    @invariant()
     def disabled_adapters_give_the_original_base(self) -> None:
         with self.model.disable_adapter():
             assert_close(logits(self.model), original_logits(), "Delta-LoRA disabled vs the original base")
@@ -778,8 +806,27 @@ class Times(nn.Module):
         return w * self.factor
 
 
-def machine(mode: str) -> type[DeltaLoraMachine]:
-    return type(f"DeltaLoraMachine_{mode}", (DeltaLoraMachine,), {"mode": mode})
+def machine(mode: str, off: frozenset[str] = frozenset()) -> type[DeltaLoraMachine]:
+    return type(f"DeltaLoraMachine_{mode}", (DeltaLoraMachine,), {"mode": mode, "off": off})
+
+
+# The failures the machine found that the core still has (each has a test_found_* below, xfail while it fails): the
+# rules that reach them, per mode. test_random_operation_machine runs without these rules (so that it guards the
+# rest); test_random_operation_machine_with_every_rule runs them all and is expected to fail until they are fixed.
+KNOWN_FAILURES: dict[str, dict[str, str]] = {
+    "inplace": {
+        "fused": "a GradScaler skip of a fused AdamW counts as a warm-up step",
+        "load_adapter_copy": "set_anchor of a copy anchors its original (the copy recognition adopts anchors)",
+        "write_flag": "a flag written to 0 right after a step leaves the move in W",
+    },
+    "factored": {
+        "fused": "a GradScaler skip of a fused AdamW counts as a warm-up step",
+        "load_adapter_copy": "set_anchor of a copy anchors its original (the copy recognition adopts anchors)",
+        "write_flag": "the forward adds -lambda s B_K A_K with the flag at 0",
+        "write_anchor": "the forward adds -lambda s B_K A_K with the flag at 0",
+        "parametrize_base_weight": "merge_adapter into a parametrized W is lost",
+    },
+}
 
 
 SETTINGS = settings(
@@ -805,7 +852,23 @@ def one_thread():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_random_operation_machine(mode: str, one_thread) -> None:
-    run_state_machine_as_test(machine(mode), settings=SETTINGS)
+    """The machine without the rules that reach the known failures (``KNOWN_FAILURES``)."""
+    run_state_machine_as_test(machine(mode, frozenset(KNOWN_FAILURES[mode])), settings=SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param(mode, marks=pytest.mark.xfail(strict=True, reason="; ".join(KNOWN_FAILURES[mode].values())))
+        if KNOWN_FAILURES[mode]
+        else mode
+        for mode in MODES
+    ],
+)
+def test_random_operation_machine_with_every_rule(mode: str, one_thread) -> None:
+    """Every rule; not shrunk while known failures remain (shrinking a failure takes minutes)."""
+    phases = SETTINGS.phases if not KNOWN_FAILURES[mode] else [p for p in SETTINGS.phases if p != Phase.shrink]
+    run_state_machine_as_test(machine(mode), settings=settings(SETTINGS, phases=phases))
 
 
 class Draws:
@@ -819,5 +882,94 @@ class Draws:
 
 
 def check(state: DeltaLoraMachine) -> None:
+    state.flags_and_counts_equal_the_simulator()
     state.logits_equal_the_simulator()
     state.disabled_adapters_give_the_original_base()
+
+
+# -- what the machine found: each a replay of the sequence it found, shortened by hand ------------------------------
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def failing_in(*modes: str, reason: str) -> list:
+    """MODES, those in ``modes`` marked xfail (strict: a fix makes the test fail until the mark is removed)."""
+    mark = pytest.mark.xfail(strict=True, reason=reason)
+    return [pytest.param(mode, marks=mark) if mode in modes else mode for mode in MODES]
+
+
+def start(mode: str, fused: bool = False) -> DeltaLoraMachine:
+    state = machine(mode)()
+    state.choose_optimizer(fused=fused)
+    check(state)
+    return state
+
+
+@pytest.mark.parametrize(
+    "mode", failing_in("inplace", "factored", reason="a GradScaler skip of a fused AdamW counts as a warm-up step")
+)
+def test_found_a_grad_scaler_skip_of_a_fused_optimizer_counts_nothing(mode: str, one_thread) -> None:
+    """GradScaler calls a fused optimizer's step with ``found_inf`` (the kernel skips the update): the step post hook
+    runs, but the optimizer took no step."""
+    state = start(mode, fused=True)
+    state.train(data=Draws(0, 1, 2), kinds=["skipped"] * 3)
+    check(state)
+    state.train(data=Draws(3, 0), kinds=["plain"] * 2)
+    check(state)
+
+
+@pytest.mark.parametrize(
+    "mode", failing_in("factored", reason="the factored forward adds -lambda s B_K A_K with the flag at 0")
+)
+def test_found_anchors_of_an_adapter_that_is_not_anchored_change_nothing(mode: str, one_thread) -> None:
+    """With the flag at 0 the move is 0, whatever the anchors hold (here a .data write)."""
+    state = start(mode)
+    state.write_anchor(data=Draws(Q, "default"), which="a_k", seed=1)
+    state.write_anchor(data=Draws(Q, "default"), which="b_k", seed=2)
+    check(state)
+    state.train(data=Draws(0, 1, 2, 3), kinds=["plain"] * 4)
+    check(state)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    failing_in(
+        "inplace", "factored", reason="the copy recognition makes the original adopt the anchors of its anchored copy"
+    ),
+)
+def test_found_set_anchor_of_a_copy_leaves_the_original_as_it_was(mode: str, one_thread) -> None:
+    """``set_anchor("second")`` on a layer where "second" is a bit-identical copy of "default" (load_adapter of
+    default's file) anchors "second" only; "default" stays not anchored."""
+    state = start(mode)
+    state.write_factor(data=Draws(Q, "default"), factor="lora_B", assign=False, seed=3)
+    state.load_adapter_copy()
+    state.set_anchor(data=Draws(Q, SECOND))
+    check(state)
+    state.write_anchor(data=Draws(Q, "default"), which="a_k", seed=4)
+    state.write_anchor(data=Draws(Q, "default"), which="b_k", seed=5)
+    check(state)
+
+
+@pytest.mark.parametrize(
+    "mode", failing_in("inplace", "factored", reason="in place W keeps the move; factored adds -lambda s B_K A_K")
+)
+def test_found_a_flag_written_to_0_right_after_a_step_takes_the_move_out(mode: str, one_thread) -> None:
+    """In place, a flag written to 0 (.data) after optimizer steps, with no forward in between: W must lose the
+    move at the next forward."""
+    state = start(mode)
+    state.train(data=Draws(0, 1, 2, 3), kinds=["plain"] * 4)
+    state.write_flag(data=Draws(Q, "default"), flag=0.0)
+    check(state)
+
+
+@pytest.mark.xfail(strict=True, reason="merge_adapter writes a parametrized W: the merge is lost")
+def test_found_merging_a_factored_adapter_into_a_parametrized_weight_is_refused_or_exact(one_thread) -> None:
+    """Factored mode keeps a parametrized base weight (W is never written), but merge_adapter writes W."""
+    state = start("factored")
+    state.train(data=Draws(0, 1, 2, 3), kinds=["plain"] * 4)
+    state.parametrize_base_weight(data=Draws(Q), new_updater=True)
+    check(state)
+    if state.attempt(state.model.merge_adapter):
+        assert_close(logits(state.model), logits(state.sim.model), "merged")
+        state.model.unmerge_adapter()
+    check(state)
