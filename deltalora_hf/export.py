@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import get_peft_model_state_dict
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import save_file
 
 from . import _distributed
@@ -44,6 +45,22 @@ def exported_factors(layer: DeltaLoraLayer, adapter_name: str) -> tuple[torch.Te
     a_out = torch.cat([a, a_k.to(a.dtype)], dim=0)
     b_out = torch.cat([(1 + ratio) * b, -ratio * b_k.to(b.dtype)], dim=1)
     return a_out.detach().contiguous(), b_out.detach().contiguous()
+
+
+def _plain_lora_keys(layer: DeltaLoraLayer, name: str, adapter_name: str) -> tuple[str, str]:
+    """The keys of a layer's factors in a plain PEFT LoRA adapter file (the adapter name is not part of them)."""
+    if adapter_name in layer.lora_A:
+        return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+    return f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"  # nn.Embedding: parameters without ".weight"
+
+
+def _auxiliary_keys(model: PeftModel, peft_state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of ``peft_state`` (PEFT's selection for ``adapter_name``) that PEFT's own trainable wrappers hold
+    (``modules_to_save``, ``trainable_token_indices``): a plain LoRA adapter of the same config has them too. An
+    allow-list: what Delta-LoRA adds to its layers (anchors, flags, counts, marks) is never one of them, whatever
+    its name, and a new buffer cannot leak into the export."""
+    wrappers = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
+    return [key for key in peft_state if key.startswith(wrappers)] if wrappers else []
 
 
 def _lora_config(config: DeltaLoraConfig, layers: dict[str, DeltaLoraLayer], adapter_name: str) -> LoraConfig:
@@ -93,15 +110,13 @@ def export_lora(model: PeftModel, save_directory: str | os.PathLike, adapter_nam
         layers = {
             n: m for n, m in model.named_modules() if isinstance(m, DeltaLoraLayer) and adapter_name in m.lora_anchored
         }
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-        state = {k: v for k, v in state.items() if not any(part.startswith("lora_anchor") for part in k.split("."))}
-        state = {k: _distributed.unsharded(v) for k, v in state.items()}  # FSDP2: whole values on every rank
+        state = {}
         for name, layer in layers.items():
-            a, b = exported_factors(layer, adapter_name)
-            if f"{name}.lora_A.weight" in state:
-                state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
-            else:  # nn.Embedding keeps its factors as parameters, without ".weight"
-                state[f"{name}.lora_embedding_A"], state[f"{name}.lora_embedding_B"] = a, b
+            key_a, key_b = _plain_lora_keys(layer, name, adapter_name)
+            state[key_a], state[key_b] = exported_factors(layer, adapter_name)
+        peft_state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+        for key in _auxiliary_keys(model, peft_state):  # FSDP2: whole values on every rank
+            state[key] = _distributed.unsharded(peft_state[key])
     out = Path(save_directory)
     if not _distributed.is_main_process():
         return out  # distributed: rank 0 writes (under ZeRO-3 and FSDP2 every rank had to gather)

@@ -493,8 +493,9 @@ def adopt_copied_anchors(layers: list[DeltaLayer]) -> None:
 
     TRL builds the reference of DPO, KTO, GRPO and RLOO by adding an adapter and copying every parameter of
     ``"default"`` into it, which leaves out the anchors (buffers). An adapter that is not anchored but whose factors
-    equal, bit for bit, those of an anchored adapter of the same layer is such a copy: it takes that adapter's
-    anchors and flag. One host sync for all layers; nothing is compared unless a layer holds both kinds.
+    equal, bit for bit, those of an anchored adapter of the same layer added BEFORE it is such a copy: it takes that
+    adapter's anchors and flag (an earlier adapter is never taken for the copy of a later one). One host sync for
+    all layers; nothing is compared unless a layer holds both kinds.
     """
     pairs, same = [], []
     for layer in layers:
@@ -503,9 +504,10 @@ def adopt_copied_anchors(layers: list[DeltaLayer]) -> None:
         fresh = [a for a in moving if not layer.is_anchored(a)]
         if not anchored or not fresh or layer.is_partitioned() or layer.has_meta_tensors():
             continue
+        order = list(layer.delta_settings)
         for copy in fresh:
             xa, xb = layer.lora_factors(copy)
-            for source in anchored:
+            for source in [a for a in anchored if order.index(a) < order.index(copy)]:  # a copy comes after
                 ya, yb = layer.lora_factors(source)
                 if (xa.shape, xb.shape, xa.dtype, xb.dtype) == (ya.shape, yb.shape, ya.dtype, yb.dtype):
                     pairs.append((layer, copy, source))
@@ -538,6 +540,7 @@ def weight_in_step(layer: DeltaLayer) -> torch.Tensor | None:
     """W as the invariant says it is now, computed WITHOUT writing anything (a ``state_dict`` is a read): None when
     W already is (the usual case), else a corrected copy. Used where a state dict is taken."""
     with torch.inference_mode(False), torch.no_grad():
+        refresh_flags([layer])  # the flags' values, as a loader may have assigned them (a cache, not the model)
         moves, squares, _ = _planned([layer], None, trust_stamps=False)
         writes = [(m, sq) for m, sq in zip(moves, squares) if sq != 0.0 and math.isfinite(sq)]
         if not writes:

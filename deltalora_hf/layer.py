@@ -9,7 +9,7 @@ Per adapter (dropout is forced off by the config) a layer keeps, besides LoRA's 
   keeps W in step with the adapters on every path.
 
 In ``"factored"`` mode W is never written; the forward pass adds the move, which needs only one ``B A x``:
-``s (1 + lambda g) B' A' x - lambda s B_K A_K x`` with ``g = anchored`` and ``A', B'`` the factors with their
+``s (1 + lambda g) B' A' x - lambda g s B_K A_K x`` with ``g = anchored`` and ``A', B'`` the factors with their
 gradient scaled by ``1 / (1 + lambda g)``: the value and the gradients of x, A and B are those of a moved W plus
 LoRA. With adapters disabled the output is the ORIGINAL base model's in both modes.
 """
@@ -282,7 +282,8 @@ class DeltaLoraLayer:
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = lora_layer.check_adapters_to_merge(self, adapter_names)
-        if names:
+        if names:  # merging writes W in both modes: refused, before anything changes, where the write would be lost
+            check_writable_base(self.get_base_layer(), f"a layer of adapter(s) {', '.join(names)} (merge)")
             self.sync_base_weight(applied=self.applied_adapters([*self.merged_adapters, *names]))
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         invariant.mark_synced(self)
@@ -339,7 +340,7 @@ class DeltaLoraLayer:
         return self.lora_B[adapter](self.lora_A[adapter](self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)))
 
     def _factored_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[(1 + lambda g) s B', -lambda s B_K]`` and ``[A'; A_K]`` (see ``_adapter_output``), from the live
+        """``[(1 + lambda g) s B', -lambda g s B_K]`` and ``[A'; A_K]`` (see ``_adapter_output``), from the live
         tensors. ``g``, the anchored flag, is read as a number where that costs no device sync (on the CPU, in
         eager mode); the gradient scaling is applied only where autograd records the factors."""
         a, b = used_in_forward(self, *self.lora_factors(adapter))
@@ -347,18 +348,19 @@ class DeltaLoraLayer:
         a_k, b_k, flag = (_as(store[adapter], a.dtype) for store in stores)
         s, ratio = self.scaling[adapter], self.delta_settings[adapter].update_ratio
         if flag.device.type == "cpu" and not torch.compiler.is_compiling():
-            grow: torch.Tensor | float = 1.0 + ratio * float(flag)
+            g: torch.Tensor | float = float(flag)
         else:
-            grow = 1.0 + ratio * flag.reshape(())
+            g = flag.reshape(())
+        grow = 1.0 + ratio * g
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             a, b = scale_grad(a, 1.0 / grow), scale_grad(b, 1.0 / grow)
-        return torch.cat([a, a_k], dim=0), torch.cat([b * (s * grow), (-ratio * s) * b_k], dim=1)
+        return torch.cat([a, a_k], dim=0), torch.cat([b * (s * grow), (-ratio * s * g) * b_k], dim=1)
 
     def _adapter_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """What adapter ``adapter`` adds to the base output: ``s B A x``, plus the move in factored mode.
 
-        Factored: ``(1 + lambda g) s B A x - lambda s B_K A_K x`` as ONE rank-2r product,
-        ``[(1 + lambda g) s B', -lambda s B_K] [A'; A_K] x``, where ``A', B'`` are the factors with their gradient
+        Factored: ``(1 + lambda g) s B A x - lambda g s B_K A_K x`` as ONE rank-2r product,
+        ``[(1 + lambda g) s B', -lambda g s B_K] [A'; A_K] x``, where ``A', B'`` are the factors with their gradient
         scaled by ``1 / (1 + lambda g)`` (``scale_grad``): A and B get LoRA's gradients,
         x gets the whole layer's, and no activation-sized tensor is added beyond LoRA's. The rank-2r factors are
         built from the live tensors on every call (two small concatenations): nothing is cached, so no write of

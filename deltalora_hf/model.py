@@ -40,28 +40,29 @@ def check_target(base: nn.Module, name: str, base_update: BaseUpdate) -> None:
         if base_update == "factored":
             return
         raise ValueError(
-            f"Delta-LoRA cannot target '{name}' ({type(base).__name__}) with base_update='inplace': a bitsandbytes "
-            "quantized weight cannot be written in place. Use DeltaLoraConfig(base_update='factored'), which never "
-            "writes W and supports 4-bit and 8-bit bases."
+            f"Target module '{name}' ({type(base).__name__}) is not supported by Delta-LoRA with "
+            "base_update='inplace': a bitsandbytes quantized weight cannot be written in place. Use "
+            "DeltaLoraConfig(base_update='factored'), which never writes W and supports 4-bit and 8-bit bases."
         )
     weight = getattr(base, "weight", None)
     kinds = ", ".join(f"{c.__module__}.{c.__name__}" for c in SUPPORTED_BASE_LAYERS)
     if not isinstance(base, SUPPORTED_BASE_LAYERS) or not isinstance(weight, torch.Tensor):
         raise ValueError(
-            f"Delta-LoRA cannot target '{name}' ({type(base).__name__}): supported targets are {kinds} with a "
-            "floating-point weight (and bitsandbytes 4/8-bit linears with base_update='factored'). Remove this "
-            "module from target_modules."
+            f"Target module '{name}' ({type(base).__name__}) is not supported by Delta-LoRA: supported targets are "
+            f"{kinds} with a floating-point weight (and bitsandbytes 4/8-bit linears with base_update='factored'). "
+            "Remove this module from target_modules."
         )
     if not weight.dtype.is_floating_point:
         raise ValueError(
-            f"Delta-LoRA cannot target '{name}': its weight has dtype {weight.dtype}, not a floating-point dtype "
-            "(a quantized or integer weight), in either base-update mode. Remove it from target_modules."
+            f"Target module '{name}' is not supported by Delta-LoRA: its weight has dtype {weight.dtype}, not a "
+            "floating-point dtype (a quantized or integer weight), in either base-update mode. Remove it from "
+            "target_modules."
         )
     if type(weight) not in (nn.Parameter, torch.Tensor) and not is_dtensor(weight):
         raise ValueError(
-            f"Delta-LoRA cannot target '{name}': its weight is a {type(weight).__name__}, a tensor subclass "
-            "Delta-LoRA does not know (e.g. a quantized weight); plain tensors and DTensors (FSDP2) are supported. "
-            "Remove it from target_modules."
+            f"Target module '{name}' is not supported by Delta-LoRA: its weight is a {type(weight).__name__}, a "
+            "tensor subclass Delta-LoRA does not know (e.g. a quantized weight); plain tensors and DTensors (FSDP2) "
+            "are supported. Remove it from target_modules."
         )
     if base_update == "inplace" and torch.nn.utils.parametrize.is_parametrized(base, "weight"):
         raise ValueError(
@@ -72,8 +73,9 @@ def check_target(base: nn.Module, name: str, base_update: BaseUpdate) -> None:
     problem = in_place_problem(weight) if base_update == "inplace" and is_dtensor(weight) else None
     if problem is not None:  # e.g. a tensor-parallel layout: refused now rather than at the first W update
         raise ValueError(
-            f"Delta-LoRA cannot update the sharded base weight of '{name}' in place: {problem}. Use "
-            "DeltaLoraConfig(base_update='factored'), which never writes W."
+            f"Target module '{name}' is not supported by Delta-LoRA with base_update='inplace': its sharded base "
+            f"weight cannot be updated in place: {problem}. Use DeltaLoraConfig(base_update='factored'), which "
+            "never writes W."
         )
 
 

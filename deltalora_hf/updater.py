@@ -122,6 +122,9 @@ class _OptimizerSteps:
 
     @torch.compiler.disable
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)  # GradScaler with a fused optimizer: the kernel skipped
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.any()):
+            return  # the step it did not take
         self.taken += 1
         for model in list(self.models):
             _touch_in_place(delta_lora_layers(model))

@@ -184,3 +184,46 @@ def test_transformers_adapter_methods_unpatched(tmp_path):
     assert (
         "PEFT ≥ 0.22" in docs and "tests/inventory_support.py" in docs and "test_transformers_adapter_methods" in docs
     )
+
+
+CAPPED = ("torch", "transformers", "peft", "accelerate", "trl")
+
+
+def declared_ranges() -> dict[str, tuple[str, str]]:
+    """``name -> (floor, cap)`` of every capped dependency, as pyproject.toml declares it (the same everywhere)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    lines = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    ranges: dict[str, set[tuple[str, str]]] = {}
+    for line in lines:
+        requirement = Requirement(line)
+        if requirement.name in CAPPED:
+            specs = {s.operator: s.version for s in requirement.specifier}
+            ranges.setdefault(requirement.name, set()).add((specs.get(">="), specs.get("<")))
+    assert set(ranges) == set(CAPPED), f"not declared: {set(CAPPED) - set(ranges)}"
+    for name, found in ranges.items():
+        assert len(found) == 1 and None not in next(iter(found)), f"{name}: one floor and one cap everywhere: {found}"
+    return {name: next(iter(found)) for name, found in ranges.items()}
+
+
+def test_the_version_pages_say_what_pyproject_declares():
+    """README's "Supported:" line and docs/versions.md give pyproject.toml's floor and cap of every capped dependency,
+    and the installed versions are inside them (the newest job installs what a newcomer gets)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    supported = next(line for line in readme.split("\n\n") if line.startswith("Supported:"))
+    table = (ROOT / "docs" / "versions.md").read_text(encoding="utf-8").split("\n\n")[1]
+    for name, (floor, cap) in declared_ranges().items():
+        assert f"{name} ≥ {floor} and < {cap}" in supported, f"README's Supported line on {name}: {supported}"
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+        assert f">= {floor}, < {cap}" in row, f"docs/versions.md on {name}: {row}"
+        try:
+            installed = Version(version(name)).release
+        except PackageNotFoundError:  # trl is optional outside the test extra
+            continue
+        assert Version(floor).release <= installed < Version(cap).release, f"{name} {version(name)} installed"
