@@ -374,3 +374,45 @@ def assert_algorithm_1_moves(
         if ".base_layer." not in key:
             assert torch.equal(state[key], value), key
     return moved
+
+
+# -- the random-operation machine (tests/test_random_operations.py) ----------------------------------------------
+
+MACHINE_LLAMA = dict(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=16,
+)
+
+
+def machine_llama(seed: int = 0) -> LlamaForCausalLM:
+    """The smallest tiny Llama: 1 layer, hidden 16, vocab 32 (the random-operation machine builds it once)."""
+    return tiny_llama(seed, **MACHINE_LLAMA)
+
+
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer, read through ``named_parameters``/``named_buffers`` (no state-dict hook
+    runs), with their dtypes."""
+    tensors = {f"param:{n}": p for n, p in model.named_parameters(remove_duplicate=False)}
+    tensors.update({f"buffer:{n}": b for n, b in model.named_buffers(remove_duplicate=False)})
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], what: str) -> None:
+    """The same names, dtypes and values (NaN equal to NaN): the model was not changed."""
+    assert before.keys() == after.keys(), (
+        f"{what}: tensors added {sorted(after.keys() - before.keys())[:5]}, removed "
+        f"{sorted(before.keys() - after.keys())[:5]}"
+    )
+    differ = [
+        k
+        for k in before
+        if before[k].dtype != after[k].dtype
+        or before[k].shape != after[k].shape
+        or not torch.equal(before[k].nan_to_num(), after[k].nan_to_num())
+    ]
+    assert not differ, f"{what}: changed {differ[:5]}"
