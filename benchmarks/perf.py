@@ -209,6 +209,10 @@ def update_timings(dtype: torch.dtype, reps: int, device: torch.device, config_o
     deltas = [torch.randn(w.shape, dtype=torch.float32, device=device).mul_(1e-4).to(dtype) for w in weights]
     generator = torch.Generator().manual_seed(0)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    if hasattr(updater, "watch"):  # 0.5: the warm-up counts the optimizer's own steps
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        updater.watch(optimizer)
+        optimizer.step()  # no gradients: changes nothing, but it is a step taken
     updater.step(0)  # start_step 0: anchors now, so that every timed step moves every layer
 
     def timed(fn) -> float:

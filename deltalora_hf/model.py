@@ -183,13 +183,13 @@ class DeltaLoraModel(LoraModel):
         state_dict = {_current_anchor_key(k): _current_anchor_value(k, v) for k, v in state_dict.items()}
         problems = _damaged_adapter_keys(state_dict)
         if problems:
-            remove_adapter_everywhere(model, adapter_name)
+            remove_adapter_if_fresh(model, adapter_name)
             raise ValueError(
                 f"The Delta-LoRA adapter '{adapter_name}' cannot be loaded: its file is incomplete or damaged "
                 f"({'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}). Without its anchors and "
                 "anchored flag, or with non-finite values, it would load as another model. Save the adapter again "
-                "from the trained model (save_pretrained writes factors, anchors, flag and step count). The model "
-                f"was left as it was (no adapter '{adapter_name}' was added)."
+                "from the trained model (save_pretrained writes factors, anchors, flag and step count). Nothing was "
+                f"loaded (an adapter '{adapter_name}' created for this load was taken out again)."
             )
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         current = model.state_dict()
@@ -199,7 +199,7 @@ class DeltaLoraModel(LoraModel):
             if key in current and tuple(current[key].shape) != tuple(value.shape)
         ]
         if mismatched:
-            remove_adapter_everywhere(model, adapter_name)
+            remove_adapter_if_fresh(model, adapter_name)
             raise ValueError(_mismatch_message(adapter_name, config, mismatched))
         for name, layer in model.named_modules():  # an adapter file's base weights are the original base's
             key = f"{name}.base_layer.weight"  # PEFT maps it to the model later when the model is not a PeftModel
@@ -374,6 +374,23 @@ def _mismatch_message(adapter_name: str, config, mismatched: list[tuple[str, tup
         f"loaded into this one. Load it onto the base it was trained on. The model was left as it was (no adapter "
         f"'{adapter_name}' was added). Mismatches: {details}"
     )
+
+
+def remove_adapter_if_fresh(model: nn.Module, adapter_name: str) -> None:
+    """After a refused load: undo the adapter the load created (``remove_adapter_everywhere``), but keep an adapter
+    that held a model before (PEFT loads into an existing adapter of that name): trained or loaded, i.e. some layer
+    has a non-zero ``lora_B``, a warm-up count or a flag."""
+    with torch.no_grad():
+        for layer in delta_lora_layers(model):
+            if adapter_name not in layer.delta_settings:
+                continue
+            b = layer.lora_factors(adapter_name)[1]
+            if b.is_meta:
+                continue
+            used = bool(b.any()) or bool(layer.lora_warmup_steps[adapter_name].any())
+            if used or bool(layer.lora_anchored[adapter_name].any()):
+                return
+    remove_adapter_everywhere(model, adapter_name)
 
 
 def remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:

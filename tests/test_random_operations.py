@@ -482,6 +482,9 @@ class DeltaLoraMachine(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.delta_layers())), label="layer")
         adapter = data.draw(st.sampled_from(self.adapters), label="adapter")
         self.delta_layers()[name].lora_anchored[adapter].data.fill_(flag)
+        # the documented contract (docs/guides/custom-loops.md): a .data write is seen by the next value check; in
+        # place the forward of a clean layer does not read the flag (test_found_..._flag below keeps that gap)
+        self.updater.sync()
         anchors = self.sim.state[adapter][name]
         self.sim.edit(lambda: setattr(anchors, "anchored", bool(flag)))
 
@@ -830,12 +833,9 @@ def machine(mode: str, off: frozenset[str] = frozenset()) -> type[DeltaLoraMachi
 KNOWN_FAILURES: dict[str, dict[str, str]] = {
     "inplace": {
         "load_adapter_copy": "a later bit-identical copy adopts the anchors its source takes (copy recognition)",
-        "load_damaged_adapter_file_over_an_adapter": "the refusal deletes the model's adapter of that name",
-        "write_flag": "a flag written to 0 (.data) after steps leaves the move in W",
     },
     "factored": {
         "load_adapter_copy": "a later bit-identical copy adopts the anchors its source takes (copy recognition)",
-        "load_damaged_adapter_file_over_an_adapter": "the refusal deletes the model's adapter of that name",
     },
 }
 
@@ -974,9 +974,7 @@ def test_found_merging_a_factored_adapter_into_a_parametrized_weight_is_refused_
     check(state)
 
 
-@pytest.mark.parametrize(
-    "mode", failing_in("inplace", "factored", reason="the refusal deletes the model's adapter of that name")
-)
+@pytest.mark.parametrize("mode", MODES)
 def test_found_a_refused_load_adapter_over_an_adapter_leaves_it(mode: str, one_thread) -> None:
     """load_adapter of a damaged file under the name of the model's own adapter: refused, that adapter kept."""
     state = start(mode)
