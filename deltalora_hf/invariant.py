@@ -188,9 +188,19 @@ class SyncState:
         self.active, self.merged = layer._active_adapter, len(layer.merged_adapters)
 
     def unchanged(self, layer: DeltaLayer) -> bool:
+        """The forward's check (on every call, so written out flat): the layer's partitioning is the one of its last
+        sync (``partitioned``), and the callers skip partitioned layers anyway."""
         if self.dirty or layer._active_adapter is not self.active or len(layer.merged_adapters) != self.merged:
             return False
-        return all(record_unchanged(layer, adapter) for adapter in layer.delta_records)
+        for adapter, record in layer.delta_records.items():
+            try:
+                live = layer.live_tensors(adapter)
+            except KeyError:  # a factor, anchor or the adapter itself is gone
+                return False
+            for (seen, seen_version), tensor in zip(record.stamp, live):
+                if tensor is not seen or (seen_version is not None and version(tensor) != seen_version):
+                    return False
+        return True
 
 
 @dataclass

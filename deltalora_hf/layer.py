@@ -32,7 +32,6 @@ from .config import DeltaSettings
 from .functional import delta_factors, scale_grad
 
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.Embedding)
-_ANCHOR_STORES = ("lora_anchor_A", "lora_anchor_B", "lora_anchored")
 
 
 class ScalingDict(dict):
@@ -177,9 +176,13 @@ class DeltaLoraLayer:
         """The adapter's ``(A, B, A_K, B_K, flag)`` as registered now, looked up in the modules' own dicts (the
         forward check runs this on every call: no ``nn.Module.__getattr__``). Raises ``KeyError`` if one is gone."""
         modules = self._modules
-        a = modules["lora_A"]._modules[adapter]._parameters["weight"]
-        b = modules["lora_B"]._modules[adapter]._parameters["weight"]
-        return (a, b, *(modules[name]._modules[adapter]._buffers["weight"] for name in _ANCHOR_STORES))
+        return (
+            modules["lora_A"]._modules[adapter]._parameters["weight"],
+            modules["lora_B"]._modules[adapter]._parameters["weight"],
+            modules["lora_anchor_A"]._modules[adapter]._buffers["weight"],
+            modules["lora_anchor_B"]._modules[adapter]._buffers["weight"],
+            modules["lora_anchored"]._modules[adapter]._buffers["weight"],
+        )
 
     @property
     def weight_is_transposed(self) -> bool:
@@ -436,9 +439,13 @@ class Embedding(DeltaLoraLayer, lora_layer.Embedding):
 
     def live_tensors(self, adapter: str) -> tuple[torch.Tensor, ...]:
         modules = self._modules
-        a = modules["lora_embedding_A"]._parameters[adapter]
-        b = modules["lora_embedding_B"]._parameters[adapter]
-        return (a, b, *(modules[name]._modules[adapter]._buffers["weight"] for name in _ANCHOR_STORES))
+        return (
+            modules["lora_embedding_A"]._parameters[adapter],
+            modules["lora_embedding_B"]._parameters[adapter],
+            modules["lora_anchor_A"]._modules[adapter]._buffers["weight"],
+            modules["lora_anchor_B"]._modules[adapter]._buffers["weight"],
+            modules["lora_anchored"]._modules[adapter]._buffers["weight"],
+        )
 
     @property
     def weight_is_transposed(self) -> bool:
