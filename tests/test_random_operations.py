@@ -830,12 +830,20 @@ def machine(mode: str, off: frozenset[str] = frozenset()) -> type[DeltaLoraMachi
 # The failures the machine found that the core still has (each has a test_found_* below, xfail while it fails): the
 # rules that reach them, per mode. test_random_operation_machine runs without these rules (so that it guards the
 # rest); test_random_operation_machine_with_every_rule runs them all and is expected to fail until they are fixed.
+_FRESH = (
+    "a refused load over an untrained, never-loaded adapter of that name takes it out (it cannot be told from the "
+    "adapter PeftModel.from_pretrained creates for the load); a trained or loaded one stays (test_found_...)"
+)
 KNOWN_FAILURES: dict[str, dict[str, str]] = {
     "inplace": {
         "load_adapter_copy": "a later bit-identical copy adopts the anchors its source takes (copy recognition)",
+        "load_damaged_adapter_file_over_an_adapter": _FRESH,
+        "write_flag": "a flag written through .data is seen at the next value check, not by the forward of a clean "
+        "layer (the documented contract; see test_found_..._flag)",
     },
     "factored": {
         "load_adapter_copy": "a later bit-identical copy adopts the anchors its source takes (copy recognition)",
+        "load_damaged_adapter_file_over_an_adapter": _FRESH,
     },
 }
 
