@@ -216,7 +216,7 @@ class DeltaLoraModel(LoraModel):
             del state_dict[key]
         for name, layer in model.named_modules():
             key = f"{name}.base_layer.weight"
-            if isinstance(layer, Embedding) and key in state_dict and layer.delta_records:
+            if isinstance(layer, Embedding) and key in state_dict:  # whatever W the state dict handed out holds
                 state_dict[key] = layer.original_base_weight()
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
