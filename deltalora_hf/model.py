@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import invariant, persistence
-from ._distributed import in_place_problem, is_dtensor
+from ._distributed import check_writable_base, in_place_problem, is_dtensor
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, is_bnb_layer
 from .config import BaseUpdate, DeltaLoraConfig
 from .layer import SUPPORTED_BASE_LAYERS, DeltaLoraLayer, Embedding, Linear
@@ -258,8 +258,18 @@ class DeltaLoraModel(LoraModel):
             )
         return super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
 
+    def _check_mergeable(self) -> None:
+        """Merging writes every W: refuse before the first layer merges if any W cannot be written (parametrized)."""
+        for layer in delta_lora_layers(self.model):
+            check_writable_base(layer.get_base_layer(), f"a layer of {type(layer).__name__} (merge)")
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self._check_mergeable()
+        super().merge_adapter(*args, **kwargs)
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """PEFT's ``merge_and_unload``; W first holds exactly the moves of the adapters being merged."""
+        self._check_mergeable()
         for layer in delta_lora_layers(self.model):
             names = layer.active_adapters if adapter_names is None else adapter_names
             layer.sync_base_weight(applied=layer.applied_adapters(names))

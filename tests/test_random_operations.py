@@ -960,7 +960,7 @@ def test_found_set_anchor_of_a_copy_leaves_the_original_as_it_was(mode: str, one
     check(state)
 
 
-@pytest.mark.parametrize("mode", failing_in("inplace", reason="in place, W keeps the move"))
+@pytest.mark.parametrize("mode", MODES)
 def test_found_a_flag_written_to_0_right_after_a_step_takes_the_move_out(mode: str, one_thread) -> None:
     """In place, a flag written to 0 (.data) after optimizer steps, with no forward in between: W must lose the
     move at the next forward."""
