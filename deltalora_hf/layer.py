@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 from peft.tuners.lora import layer as lora_layer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -294,7 +295,8 @@ class DeltaLoraLayer:
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = lora_layer.check_adapters_to_merge(self, adapter_names)
-        if names:  # merging writes W in both modes: refused, before anything changes, where the write would be lost
+        if names and torch.nn.utils.parametrize.is_parametrized(self.get_base_layer(), "weight"):
+            # merging writes W in both modes: refused, before anything changes, where the write would be lost
             check_writable_base(self.get_base_layer(), f"a layer of adapter(s) {', '.join(names)} (merge)")
             self.sync_base_weight(applied=self.applied_adapters([*self.merged_adapters, *names]))
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)

@@ -261,7 +261,8 @@ class DeltaLoraModel(LoraModel):
     def _check_mergeable(self) -> None:
         """Merging writes every W: refuse before the first layer merges if any W cannot be written (parametrized)."""
         for layer in delta_lora_layers(self.model):
-            check_writable_base(layer.get_base_layer(), f"a layer of {type(layer).__name__} (merge)")
+            if torch.nn.utils.parametrize.is_parametrized(layer.get_base_layer(), "weight"):
+                check_writable_base(layer.get_base_layer(), f"a layer of {type(layer).__name__} (merge)")
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         self._check_mergeable()
